@@ -1,0 +1,1257 @@
+"""Record 43 of the NanoGPT speedrun: a 124M-parameter GPT trained on FineWeb GPT-2 tokens to 3.28
+validation loss, with NorMuon + Adam and cautious weight decay scheduled as lr x wd.
+
+    torchrun --standalone --nproc_per_node=8 train_gpt.py    # the record on 8 GPUs (any world size works)
+    python train_gpt.py --preset=tiny                        # a small run on synthetic shards, CPU is fine
+    python train_gpt.py --help                               # every hyperparameter with its default
+
+Sections follow a batch: configuration, kernels, optimizers, model, data loading, training loop, logging.
+"""
+import dataclasses
+import datetime
+import difflib
+import glob
+import json
+import math
+import os
+import platform
+import resource
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch paths below serve instead
+    triton = None
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one message and a non-zero exit, no traceback."""
+
+
+class ConfigError(UserError):
+    pass
+
+
+def _arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    preset: str = _arg("record43", "record43 | record42 | tiny: the base that the other flags override")
+    # data
+    train_files: str = _arg("data/fineweb10B/fineweb_train_*.bin", "glob of training shards, read in sorted order")
+    val_files: str = _arg("data/fineweb10B/fineweb_val_*.bin", "glob of validation shards")
+    val_tokens: int = _arg(10_485_760, "tokens per validation, a multiple of val_batch_tokens")
+    val_batch_tokens: int = _arg(8 * 4 * 64 * 1024, "validation tokens per forward, summed over ranks")
+    train_batch_tokens: int = _arg(8 * 16 * 2048, "training tokens per optimizer step, summed over ranks")
+    micro_batch_tokens: int = _arg(16 * 2048, "most tokens per rank per forward; gradient accumulation does the rest")
+    max_doc_tokens: int = _arg(2048, "training documents are cut to this many tokens")
+    # model
+    vocab_size: int = _arg(50257, "tokenizer vocabulary, BOS is its last token; the model pads it to a multiple of 128")
+    model_dim: int = _arg(768, "width of the residual stream, = num_heads * head_dim")
+    num_heads: int = _arg(6, "attention heads")
+    head_dim: int = _arg(128, "width of one attention head")
+    # schedules
+    num_scheduled_iterations: int = _arg(2205, "steps over which lr and attention windows follow their schedules")
+    num_extension_iterations: int = _arg(40, "steps after the schedule, at the floor lr and the extension window")
+    cooldown_frac: float = _arg(0.5, "final fraction of the scheduled steps over which lr falls linearly")
+    final_lr_frac: float = _arg(0.1, "lr multiplier at the end of the cooldown")
+    window_block: int = _arg(128, "tokens per attention-window unit")
+    window_schedule: tuple = _arg((3, 7, 11), "long window (blocks) in each equal part of the scheduled steps")
+    window_extension: int = _arg(13, "long window (blocks) during the extension steps")
+    window_final_val: int = _arg(20, "long window (blocks) of the final validation, without YaRN")
+    # optimizers
+    adam_lr: float = _arg(0.008, "Adam lr (embeddings, value embeddings, lm_head, scalars)")
+    adam_beta1: float = _arg(0.65, "Adam beta1")
+    adam_beta2: float = _arg(0.95, "Adam beta2")
+    adam_eps: float = _arg(1e-8, "Adam eps")
+    embed_lr_mul: float = _arg(75.0, "Adam lr multiplier of the token and value embeddings")
+    scalar_lr_mul: float = _arg(5.0, "Adam lr multiplier of the scalar vector")
+    muon_lr: float = _arg(0.03, "NorMuon lr (block matrices and gates)")
+    mlp_in_lr_mul: float = _arg(2.0, "NorMuon lr multiplier of the MLP input matrices")
+    weight_decay: float = _arg(1.2, "NorMuon weight decay; the applied decay is lr(t) x weight_decay")
+    weight_decay_mode: str = _arg("cautious", "cautious (only where update and weight agree in sign) | decoupled | none")
+    muon_momentum: float = _arg(0.95, "NorMuon momentum after warm-up")
+    muon_momentum_min: float = _arg(0.85, "NorMuon momentum at the first step and the last")
+    momentum_warmup_steps: int = _arg(300, "steps of linear momentum warm-up")
+    momentum_cooldown_steps: int = _arg(50, "final steps of linear momentum cool-down")
+    muon_beta2: float = _arg(0.95, "NorMuon second-moment decay")
+    # run
+    warmup_steps: int = _arg(30, "untimed steps that compile every graph, then all state is reset")
+    val_loss_every: int = _arg(250, "steps between validations (0: only at the start and the end)")
+    max_steps: int = _arg(0, "stop after this many steps with a final validation, schedules unchanged (0: no limit)")
+    seed: int = _arg(0, "seed of the parameter initialisation")
+    device: str = _arg("auto", "auto | cuda | cpu")
+    compile: str = _arg("auto", "auto (on with CUDA) | on | off: torch.compile of the model")
+    log_dir: str = _arg("logs", "folder of the record files")
+
+    @property
+    def num_iterations(self) -> int:
+        return self.num_scheduled_iterations + self.num_extension_iterations
+
+    @property
+    def bos_id(self) -> int:
+        return self.vocab_size - 1
+
+
+PRESETS = {
+    "record43": {},
+    "record42": dict(num_scheduled_iterations=2245, weight_decay=0.0),
+    "tiny": dict(train_files="data/synthetic/train_*.bin", val_files="data/synthetic/val_*.bin",
+                 vocab_size=1024, model_dim=64, num_heads=2, head_dim=32,
+                 train_batch_tokens=8 * 1024, micro_batch_tokens=1024, val_batch_tokens=2048, val_tokens=16 * 2048,
+                 max_doc_tokens=256, window_block=16, num_scheduled_iterations=300, num_extension_iterations=20,
+                 momentum_warmup_steps=30, momentum_cooldown_steps=5, warmup_steps=4, val_loss_every=50),
+}
+CHOICES = {"preset": tuple(PRESETS), "device": ("auto", "cuda", "cpu"), "compile": ("auto", "on", "off"),
+           "weight_decay_mode": ("cautious", "decoupled", "none")}
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def usage() -> str:
+    lines = ["usage: [torchrun ...] train_gpt.py [--name=value ...]", "",
+             "Every hyperparameter, with its record43 default (a --preset changes some of them):"]
+    for f in dataclasses.fields(Config):
+        default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        lines.append(f"  --{f.name}={default}\n      {f.metadata['help']}")
+    lines.append("\npresets: " + "; ".join(f"{name}: {over or 'the spec'}" for name, over in PRESETS.items()))
+    return "\n".join(lines)
+
+
+def parse_value(name: str, text: str):
+    kind = type(FIELDS[name].default)
+    try:
+        if kind is tuple:
+            return tuple(int(part) for part in text.split(","))
+        return kind(text)
+    except ValueError:
+        example = "3,7,11" if kind is tuple else {int: "42", float: "0.5", str: "text"}[kind]
+        raise ConfigError(f"--{name}={text}: expected {'a comma-separated list of integers' if kind is tuple else 'a ' + kind.__name__}, for example --{name}={example}")
+
+
+def parse_config(argv) -> Config:
+    """Build the Config: the preset's values, then each --name=value on top."""
+    given = {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(usage())
+            raise SystemExit(0)
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"argument {arg!r} is not of the form --name=value; see --help")
+        name, text = arg[2:].split("=", 1)
+        name = name.replace("-", "_")
+        if name not in FIELDS:
+            close = difflib.get_close_matches(name, FIELDS, n=1)
+            hint = f" (did you mean --{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown flag --{name}{hint}; see --help for the list")
+        given[name] = parse_value(name, text)
+    preset = given.get("preset", "record43")
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset={preset}: unknown preset, choose one of {', '.join(PRESETS)}")
+    cfg = dataclasses.replace(Config(), **PRESETS[preset])
+    cfg = dataclasses.replace(cfg, **given)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: Config):
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"--{name}={getattr(cfg, name)}: choose one of {', '.join(allowed)}")
+    for name in ("val_tokens", "val_batch_tokens", "train_batch_tokens", "micro_batch_tokens", "max_doc_tokens",
+                 "model_dim", "num_heads", "head_dim", "num_scheduled_iterations", "window_block"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"--{name}={getattr(cfg, name)}: must be positive")
+    for name in ("num_extension_iterations", "warmup_steps", "val_loss_every", "max_steps", "weight_decay"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name}={getattr(cfg, name)}: must not be negative")
+    if cfg.model_dim != cfg.num_heads * cfg.head_dim:
+        raise ConfigError(f"--model_dim={cfg.model_dim} must equal num_heads * head_dim = {cfg.num_heads * cfg.head_dim}")
+    if cfg.head_dim % 4:
+        raise ConfigError(f"--head_dim={cfg.head_dim}: must be a multiple of 4 (half-truncated rotary)")
+    if cfg.model_dim < GATE_INPUTS:
+        raise ConfigError(f"--model_dim={cfg.model_dim}: the gates read the first {GATE_INPUTS} channels, use at least {GATE_INPUTS}")
+    if cfg.vocab_size < 2 or cfg.vocab_size > 65536:
+        raise ConfigError(f"--vocab_size={cfg.vocab_size}: shards hold uint16 tokens, so use 2..65536")
+    if not cfg.window_schedule or min(cfg.window_schedule) <= 0:
+        raise ConfigError(f"--window_schedule={cfg.window_schedule}: give positive window sizes, e.g. 3,7,11")
+    if cfg.val_tokens % cfg.val_batch_tokens:
+        raise ConfigError(f"--val_tokens={cfg.val_tokens} is not a multiple of --val_batch_tokens={cfg.val_batch_tokens}; "
+                          f"use {cfg.val_tokens // cfg.val_batch_tokens * cfg.val_batch_tokens or cfg.val_batch_tokens}")
+
+
+def batch_split(cfg: Config, world_size: int) -> tuple[int, int]:
+    """(gradient-accumulation steps, tokens per rank per micro-step) that make up the global batch exactly."""
+    grad_accum = max(1, cfg.train_batch_tokens // (world_size * cfg.micro_batch_tokens))
+    micro_tokens, rest = divmod(cfg.train_batch_tokens, world_size * grad_accum)
+    if rest or micro_tokens > cfg.micro_batch_tokens:
+        raise ConfigError(f"the global batch of {cfg.train_batch_tokens} tokens cannot be split evenly over {world_size} "
+                          f"processes with at most {cfg.micro_batch_tokens} tokens each per micro-step; "
+                          "use a world size that divides it (1, 2, 4, 8, 16, ...) or change --train_batch_tokens")
+    if cfg.val_batch_tokens % world_size:
+        raise ConfigError(f"--val_batch_tokens={cfg.val_batch_tokens} cannot be split evenly over {world_size} processes; "
+                          "use a world size that divides it")
+    return grad_accum, micro_tokens
+
+
+# -----------------------------------------------------------------------------
+# Kernels: Polar Express (with a Triton path for the symmetric products), FP8 lm_head, attention
+
+POLAR_EXPRESS_COEFFS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+TRITON_MIN_ROWS = 128  # smaller matrices (the gates) are not worth a kernel launch per tile
+
+
+def polar_express(G: Tensor) -> Tensor:
+    """Approximate the orthogonal polar factor of each matrix in G (..., rows, cols), in bf16."""
+    X = G.bfloat16()
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    X = (X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)).contiguous()
+    use_triton = triton is not None and X.is_cuda and X.size(-2) >= TRITON_MIN_ROWS
+    if use_triton:
+        A = X.new_empty((*X.shape[:-1], X.size(-2)))
+        B = torch.empty_like(A)
+    for a, b, c in POLAR_EXPRESS_COEFFS:
+        if use_triton:
+            xxt(X, out=A)
+            ba_plus_caa(A, alpha=c, beta=b, out=B)
+        else:
+            A = X @ X.mT
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c) if A.dim() == 3 else torch.addmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a) if X.dim() == 3 else torch.addmm(X, B, X, beta=a)
+    return X.mT if tall else X
+
+
+if triton is not None:
+    # A = X X^T and c A A + b A are symmetric: each program computes one output tile on or below the diagonal
+    # (T(T+1)/2 of the T*T tiles) and writes it both at (r, c) and at (c, r), so the output is exactly symmetric.
+
+    @triton.jit
+    def _lower_tile(pid):
+        """Map a program id to the tile pair (i, j) with j <= i, enumerating the lower triangle row by row."""
+        i = ((tl.sqrt((8 * pid + 1).to(tl.float32)) - 1) / 2).to(tl.int32)
+        # The float estimate can be off by one; fix it with exact integer checks.
+        i = tl.where(i * (i + 1) // 2 > pid, i - 1, i)
+        i = tl.where((i + 1) * (i + 2) // 2 <= pid, i + 1, i)
+        return i, pid - i * (i + 1) // 2
+
+
+    @triton.jit
+    def _sym_product_kernel(
+        left_ptr, right_ptr, out_ptr, m, k_size,
+        stride_lb, stride_lr, stride_lk,
+        stride_rb, stride_rk, stride_rc,
+        stride_ob, stride_or, stride_oc,
+        alpha, beta,
+        ADD_LEFT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """out = alpha * left @ right (+ beta * left when ADD_LEFT), for one lower-triangle tile, mirrored."""
+        tile_i, tile_j = _lower_tile(tl.program_id(0))
+        batch = tl.program_id(1).to(tl.int64)
+        left_ptr += batch * stride_lb
+        right_ptr += batch * stride_rb
+        out_ptr += batch * stride_ob
+
+        rows = tile_i * BLOCK + tl.arange(0, BLOCK)
+        cols = tile_j * BLOCK + tl.arange(0, BLOCK)
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        for k0 in range(0, k_size, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            # Zero padding past the edges adds nothing to the dot products.
+            lhs = tl.load(left_ptr + rows[:, None] * stride_lr + ks[None, :] * stride_lk,
+                          mask=(rows[:, None] < m) & (ks[None, :] < k_size), other=0.0)
+            rhs = tl.load(right_ptr + ks[:, None] * stride_rk + cols[None, :] * stride_rc,
+                          mask=(ks[:, None] < k_size) & (cols[None, :] < m), other=0.0)
+            acc = tl.dot(lhs, rhs, acc)
+        acc *= alpha
+        in_bounds = (rows[:, None] < m) & (cols[None, :] < m)
+        if ADD_LEFT:  # left is the square symmetric A here
+            acc += beta * tl.load(left_ptr + rows[:, None] * stride_lr + cols[None, :] * stride_lk,
+                                  mask=in_bounds, other=0.0).to(tl.float32)
+
+        # On a diagonal tile keep only r >= c, so both halves come from the same numbers.
+        keep = in_bounds & (rows[:, None] >= cols[None, :])
+        result = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rows[:, None] * stride_or + cols[None, :] * stride_oc, result, mask=keep)
+        tl.store(out_ptr + cols[None, :] * stride_or + rows[:, None] * stride_oc, result, mask=keep)
+
+
+    def _check_block(name, value):
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"{name}={value}: tl.dot needs a power of two of at least 16; pass e.g. {name}=64")
+
+
+    def _batched(t):
+        return t if t.dim() == 3 else t.unsqueeze(0)
+
+
+    def _launch(left, right, out, alpha, beta, add_left, block, block_k):
+        """out = alpha * left @ right (+ beta * left), where the caller guarantees the product is symmetric."""
+        _check_block("block", block)
+        _check_block("block_k", block_k)
+        left, right, out = _batched(left), _batched(right), _batched(out)
+        batch, m, k_size = left.shape
+        tiles = triton.cdiv(m, block)
+        grid = (tiles * (tiles + 1) // 2, batch)
+        _sym_product_kernel[grid](
+            left, right, out, m, k_size,
+            *left.stride(), *right.stride(), *out.stride(),
+            float(alpha), float(beta),
+            ADD_LEFT=add_left, BLOCK=block, BLOCK_K=block_k, num_warps=8, num_stages=3,
+        )
+
+
+    def _check_out(out, expected_shape, source, source_name):
+        if out.shape != expected_shape or out.dtype != source.dtype:
+            raise ValueError(f"out is {tuple(out.shape)} {out.dtype}, expected {tuple(expected_shape)} {source.dtype}; "
+                             f"allocate it with torch.empty({tuple(expected_shape)}, dtype={source.dtype})")
+        if out.data_ptr() == source.data_ptr():
+            raise ValueError(f"out is the same memory as {source_name}: tiles read {source_name} while others are "
+                             "written, so the product cannot be done in place; pass a separate out tensor")
+
+
+    def xxt(X, out, *, block=128, block_k=64):
+        """out = X @ X^T for X of shape (B, m, n) or (m, n) with m <= n, accumulated in fp32, stored in X's dtype.
+
+        Any m works (edges are masked); Polar Express uses it for matrices of 128 rows and more, where half the
+        work pays off, and plain torch for the small gates. Defaults suit bf16 with m = 768 on an H100.
+        """
+        if X.dim() not in (2, 3):
+            raise ValueError(f"X has shape {tuple(X.shape)}; expected (m, n) or (batch, m, n)")
+        m, n = X.shape[-2:]
+        if m > n:
+            raise ValueError(f"X has {m} rows > {n} columns; pass X.mT so that rows <= columns (A = X X^T is "
+                             "then the smaller Gram matrix)")
+        _check_out(out, (*X.shape[:-2], m, m), X, "X")
+        _launch(X, X.mT, out, 1.0, 0.0, False, block, block_k)
+        return out
+
+
+    def ba_plus_caa(A, alpha, beta, out, *, block=128, block_k=64):
+        """out = alpha * A @ A + beta * A for A of shape (B, m, m) or (m, m), accumulated in fp32, stored in A's dtype.
+
+        A must be symmetric (e.g. the output of xxt): only the lower triangle of the result is computed. Same sizes
+        and defaults as xxt. Polar Express's b A + c A^2 is ba_plus_caa(A, alpha=c, beta=b, out=out).
+        """
+        if A.dim() not in (2, 3) or A.shape[-1] != A.shape[-2]:
+            raise ValueError(f"A has shape {tuple(A.shape)}; expected a square (m, m) or (batch, m, m) matrix")
+        _check_out(out, A.shape, A, "A")
+        _launch(A, A, out, alpha, beta, True, block, block_k)
+        return out
+
+
+# The lm_head in FP8: inputs divided by x_s and weights by w_s before the e4m3 cast, the product rescaled by both;
+# in backward the output gradient is divided by grad_s before an e5m2 cast.
+LM_HEAD_FP8_SCALES = {"x_s": 768 ** 0.5 / 448, "w_s": 2.0 ** -9, "grad_s": 1 / 448}
+
+
+def _scale(s: float, like: Tensor) -> Tensor:
+    return torch.full((), s, dtype=torch.float32, device=like.device)
+
+
+@torch.library.custom_op("train_gpt::fp8_mm", mutates_args=())
+def fp8_mm(x: Tensor, w: Tensor, x_s: float, w_s: float, grad_s: float) -> tuple[Tensor, Tensor, Tensor]:
+    x_f8 = x.div(x_s).to(torch.float8_e4m3fn)
+    w_f8 = w.div(w_s).to(torch.float8_e4m3fn)
+    out = torch._scaled_mm(x_f8, w_f8.T, out_dtype=torch.bfloat16, scale_a=_scale(x_s, x), scale_b=_scale(w_s, x),
+                           use_fast_accum=True)
+    return out, x_f8, w_f8
+
+
+@fp8_mm.register_fake
+def _(x, w, x_s, w_s, grad_s):
+    return x.new_empty((x.size(0), w.size(0))), x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+
+
+@torch.library.custom_op("train_gpt::fp8_mm_backward", mutates_args=())
+def fp8_mm_backward(g: Tensor, x_f8: Tensor, w_f8: Tensor, x_s: float, w_s: float, grad_s: float) -> tuple[Tensor, Tensor]:
+    g_f8 = g.div(grad_s).to(torch.float8_e5m2)
+    grad_x = torch._scaled_mm(g_f8, w_f8.T.contiguous().T, out_dtype=torch.bfloat16,
+                              scale_a=_scale(grad_s, g), scale_b=_scale(w_s, g), use_fast_accum=False)
+    grad_w = torch._scaled_mm(x_f8.T.contiguous(), g_f8.T.contiguous().T, out_dtype=torch.float32,
+                              scale_a=_scale(x_s, g), scale_b=_scale(grad_s, g), use_fast_accum=False).T
+    return grad_x, grad_w
+
+
+@fp8_mm_backward.register_fake
+def _(g, x_f8, w_f8, x_s, w_s, grad_s):
+    return x_f8.new_empty(x_f8.shape, dtype=torch.bfloat16), w_f8.new_empty(w_f8.shape[::-1], dtype=torch.float32).T
+
+
+def _fp8_setup_context(ctx, inputs, output):
+    ctx.scales = inputs[2:]
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _fp8_backward(ctx, grad_out, *_):
+    grad_x, grad_w = fp8_mm_backward(grad_out, *ctx.saved_tensors, *ctx.scales)
+    return grad_x, grad_w, None, None, None
+
+
+fp8_mm.register_autograd(_fp8_backward, setup_context=_fp8_setup_context)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, window: int) -> Tensor:
+    """Causal attention within documents, each query seeing at most `window` earlier tokens; (T, heads, dim).
+    The caller folds the softmax scale into q."""
+    if q.is_cuda:
+        from torch.nn.attention.varlen import varlen_attn
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=1.0, window_size=(window, 0))
+    pos = torch.arange(q.size(0), device=q.device)
+    doc = torch.searchsorted(cu_seqlens[1:].to(pos.dtype), pos, right=True)
+    offset = pos[:, None] - pos[None, :]
+    allowed = (doc[:, None] == doc[None, :]) & (offset >= 0) & (offset <= window)
+    y = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=allowed, scale=1.0)
+    return y.transpose(0, 1)
+
+
+# -----------------------------------------------------------------------------
+# Optimizers: NorMuon with cautious weight decay for matrices, sharded Adam for the rest
+
+
+def reduce_scatter_mean(full: Tensor):
+    """Start averaging `full` over ranks along dim 0; returns this rank's slice and a wait() for it."""
+    world = dist.get_world_size()
+    if world == 1:
+        return full, lambda: None
+    local = full.new_empty((full.size(0) // world, *full.shape[1:]))
+    work = dist.reduce_scatter_tensor(local, full, op=dist.ReduceOp.AVG, async_op=True)
+    return local, work.wait
+
+
+def all_gather_into(full: Tensor, local: Tensor):
+    """Start gathering every rank's `local` into `full` along dim 0; returns a wait()."""
+    if dist.get_world_size() == 1:
+        if local.data_ptr() != full.data_ptr():
+            full.copy_(local)
+        return lambda: None
+    return dist.all_gather_into_tensor(full, local, async_op=True).wait
+
+
+def split_columns(M: Tensor, blocks: int) -> Tensor:
+    """(n, rows, cols) -> (n * blocks, rows, cols / blocks): equal column blocks as separate matrices."""
+    n, rows, cols = M.shape
+    return M.view(n, rows, blocks, cols // blocks).transpose(1, 2).reshape(n * blocks, rows, cols // blocks)
+
+
+def merge_columns(M: Tensor, blocks: int) -> Tensor:
+    nb, rows, cols = M.shape
+    return M.view(nb // blocks, blocks, rows, cols).transpose(1, 2).reshape(nb // blocks, rows, blocks * cols)
+
+
+class NorMuon(torch.optim.Optimizer):
+    """Momentum, Polar Express orthogonalisation, per-column (or per-row) second-moment normalisation, and
+    weight decay scaled by the scheduled lr, optionally masked to coordinates where update and weight agree in sign.
+
+    Each param group holds matrices of one shape; its matrices are dealt out to ranks as whole matrices:
+    gradients are averaged by one reduce-scatter per group and updated weights shared by one all-gather.
+    A parameter may carry `lr_mul` and `column_blocks` (orthogonalise that many column blocks separately).
+    """
+
+    def __init__(self, param_groups, lr: float, weight_decay: float, weight_decay_mode: str, momentum: float, beta2: float):
+        super().__init__(param_groups, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, beta2=beta2))
+        self.weight_decay_mode = weight_decay_mode
+        for group in self.param_groups:
+            first = group["params"][0]
+            if any(p.shape != first.shape or p.dtype != first.dtype for p in group["params"]):
+                raise ValueError("NorMuon: every param group must hold matrices of one shape and dtype")
+
+    @torch.no_grad()
+    def step(self):
+        scattered = [self._scatter_grads(group) for group in self.param_groups]
+        gathers = [self._update_group(group, *pending) for group, pending in zip(self.param_groups, scattered)]
+        for wait in gathers:
+            wait()
+
+    def _scatter_grads(self, group):
+        params = group["params"]
+        per_rank = -(-len(params) // dist.get_world_size())
+        padding = [torch.zeros_like(params[0])] * (per_rank * dist.get_world_size() - len(params))
+        return reduce_scatter_mean(torch.stack([p.grad for p in params] + padding))
+
+    def _update_group(self, group, local_grads: Tensor, wait_grads):
+        params = group["params"]
+        per_rank = local_grads.size(0)
+        mine = params[dist.get_rank() * per_rank:][:per_rank]
+        wait_grads()
+        if mine:
+            weights = torch.stack(mine)
+            self._update(group, mine, weights, local_grads[:len(mine)])
+            local_grads[:len(mine)] = weights  # the gradient buffer doubles as the all-gather's send buffer
+        gathered = local_grads.new_empty((per_rank * dist.get_world_size(), *local_grads.shape[1:]))
+        wait_gather = all_gather_into(gathered, local_grads)
+
+        def finish():
+            wait_gather()
+            for p, new in zip(params, gathered):
+                p.copy_(new)
+        return finish
+
+    def _update(self, group, mine: list, W: Tensor, G: Tensor):
+        """One NorMuon step for this rank's matrices W (n, rows, cols) with mean gradients G, in place."""
+        blocks = getattr(mine[0], "column_blocks", 1)
+        rows, cols = mine[0].shape
+        per_column = rows < cols  # one second-moment value per column of the wider side, from the stored shape
+        state = self.state[mine[0]]
+        if not state:
+            state["momentum_buffer"] = torch.zeros(W.shape, dtype=torch.float32, device=W.device)
+            moment_shape = (W.size(0) * blocks, 1, cols // blocks) if per_column else (W.size(0) * blocks, rows, 1)
+            state["second_moment"] = torch.zeros(moment_shape, dtype=torch.float32, device=W.device)
+        m, beta2, lr = group["momentum"], group["beta2"], group["lr"]
+        G = G.float()
+        buf = state["momentum_buffer"]
+        buf.lerp_(G, 1 - m)
+        U = G.lerp_(buf, m)  # Nesterov: (1 - m) G + m buf
+        O = polar_express(split_columns(U, blocks)).float()
+        v = state["second_moment"]
+        v.lerp_(O.square().mean(dim=-2 if per_column else -1, keepdim=True), 1 - beta2)
+        norm_before = O.norm(dim=(-2, -1), keepdim=True)
+        O.mul_(v.clamp_min(1e-10).rsqrt())
+        O.mul_(norm_before / O.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
+        O = merge_columns(O, blocks)
+        block_rows, block_cols = rows, cols // blocks
+        lr_mul = torch.tensor([getattr(p, "lr_mul", 1.0) for p in mine], device=W.device).view(-1, 1, 1)
+        lr_eff = lr * max(1.0, block_rows / block_cols) ** 0.5 * lr_mul
+        wd_eff = lr * group["weight_decay"]
+        Wf = W.float()
+        step = O
+        if self.weight_decay_mode == "cautious":
+            step = O + wd_eff * (O * Wf >= 0) * Wf
+        elif self.weight_decay_mode == "decoupled":
+            step = O + wd_eff * Wf
+        W.copy_(Wf - lr_eff * step)
+
+
+class DistAdam(torch.optim.Optimizer):
+    """Adam (bias-corrected, no weight decay) sharded along dim 0: each rank updates 1/world of every tensor.
+    A parameter may carry `lr_mul`. State has the parameter's dtype."""
+
+    def __init__(self, params, lr: float, betas: tuple[float, float], eps: float):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+        world = dist.get_world_size()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.size(0) % world:
+                    raise ValueError(f"DistAdam: a {tuple(p.shape)} tensor cannot be split over {world} ranks along dim 0")
+
+    @torch.no_grad()
+    def step(self):
+        params = [p for group in self.param_groups for p in group["params"]]
+        scattered = iter([reduce_scatter_mean(p.grad) for p in params])  # all launched before any is awaited
+        rank = dist.get_rank()
+        gathers = []
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                g, wait = next(scattered)
+                wait()
+                rows = p.size(0) // dist.get_world_size()
+                p_local = p[rank * rows:(rank + 1) * rows]
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p_local)
+                    state["exp_avg_sq"] = torch.zeros_like(p_local)
+                state["step"] += 1
+                t = state["step"]
+                state["exp_avg"].lerp_(g, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
+                step_size = group["lr"] * getattr(p, "lr_mul", 1.0) / (1 - beta1 ** t)
+                p_local.addcdiv_(state["exp_avg"], denom, value=-step_size)
+                gathers.append(all_gather_into(p, p_local))
+        for wait in gathers:
+            wait()
+
+
+# -----------------------------------------------------------------------------
+# Model
+
+NUM_LAYERS = 12
+GATE_INPUTS = 12  # the smear and attention gates read the first 12 channels
+ATTENTION_LAYERS = [i for i in range(1, NUM_LAYERS) if i != 7]  # layer 0 is skipped, layer 7 has no attention
+MLP_LAYERS = list(range(1, NUM_LAYERS))
+VALUE_EMBED_OF_LAYER = {1: 1, 2: 2, 9: 0, 10: 1, 11: 2}
+LONG_WINDOW_LAYERS = (4, 11)
+SKIP_PUSH_LAYERS, SKIP_POP_LAYERS = range(1, 6), range(6, 11)  # U-net: outputs of 1..5 feed 10..6
+BACKOUT_LAYER = 8
+LOGIT_CAP, LOGIT_TEMPERATURE = 30.0, 7.5
+
+
+def norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def next_multiple(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+class Rotary(nn.Module):
+    """Half-truncated rotary embedding with YaRN frequency scaling when the attention window grows.
+    The attention scale lives here too, since YaRN changes it."""
+
+    def __init__(self, head_dim: int, max_len: int, window_block: int):
+        super().__init__()
+        self.window_block = window_block
+        self.register_buffer("angular_freq", torch.zeros(head_dim // 2), persistent=False)
+        self.register_buffer("cos", torch.zeros(max_len, head_dim // 2, dtype=torch.bfloat16), persistent=False)
+        self.register_buffer("sin", torch.zeros(max_len, head_dim // 2, dtype=torch.bfloat16), persistent=False)
+        self.register_buffer("attn_scale", torch.zeros(()), persistent=False)
+        self.reset()
+
+    @torch.no_grad()
+    def reset(self):
+        quarter = self.angular_freq.numel() // 2
+        freq = (1 / 1024) ** torch.linspace(0, 1, quarter, dtype=torch.float32)
+        self.angular_freq.copy_(torch.cat([freq, freq.new_zeros(quarter)]))
+        self.attn_scale.fill_(0.1)
+        self._rebuild()
+
+    @torch.no_grad()
+    def _rebuild(self):
+        theta = torch.outer(torch.arange(self.cos.size(0), dtype=torch.float32, device=self.cos.device), self.angular_freq)
+        self.cos.copy_(theta.cos())
+        self.sin.copy_(theta.sin())
+
+    @torch.no_grad()
+    def extend_window(self, old: int, new: int):
+        """YaRN: interpolate the frequencies that turn fewer than ~32 times over the old window."""
+        turns = self.window_block * old * self.angular_freq / (2 * math.pi)
+        keep = ((turns - 1) / 31).clamp(0, 1)
+        ratio = old / new
+        self.angular_freq.mul_(ratio + keep * (1 - ratio))
+        self._rebuild()
+        self.attn_scale.mul_(1 + 0.2 * math.log(new / old))
+
+    def forward(self, x: Tensor) -> Tensor:  # (T, heads, head_dim)
+        cos, sin = self.cos[:x.size(0), None, :], self.sin[:x.size(0), None, :]
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        bound = 3 ** 0.5 * 0.5 * dim ** -0.5
+        self.qkvo = nn.Parameter(torch.empty(dim, 4 * dim))  # [Wq | Wk | Wv | Wo], each dim x dim
+        with torch.no_grad():
+            self.qkvo[:, :3 * dim].uniform_(-bound, bound)
+            self.qkvo[:, 3 * dim:].zero_()
+        self.qkvo.column_blocks = 4
+        self.gate = nn.Parameter(torch.zeros(num_heads, GATE_INPUTS, dtype=torch.bfloat16))
+
+    def forward(self, x, ve, v_lambdas, rotary: Rotary, cu_seqlens, max_seqlen: int, window: int):
+        T, dim = x.shape
+        w = self.qkvo.type_as(x)
+        q, k, v = (x @ w[:, :3 * dim]).view(T, 3, self.num_heads, self.head_dim).unbind(1)
+        q, k = rotary(norm(q)) * rotary.attn_scale.type_as(x), rotary(norm(k))
+        v = v_lambdas[0] * v + v_lambdas[1] * ve.view_as(v) if ve is not None else v_lambdas[0] * v
+        y = attention(q, k, v, cu_seqlens, max_seqlen, window)
+        y = y * torch.sigmoid(F.linear(x[:, :GATE_INPUTS], self.gate)).unsqueeze(-1)
+        return y.reshape(T, dim) @ w[:, 3 * dim:].T
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        bound = 3 ** 0.5 * 0.5 * dim ** -0.5
+        self.fc = nn.Parameter(torch.empty(dim, 4 * dim).uniform_(-bound, bound))  # used as x @ fc
+        self.proj = nn.Parameter(torch.zeros(dim, 4 * dim))  # used as h @ proj^T
+
+    def forward(self, x):
+        return F.relu(x @ self.fc.type_as(x)).square() @ self.proj.type_as(x).T
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, layer: int):
+        super().__init__()
+        self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.head_dim) if layer in ATTENTION_LAYERS else None
+        self.mlp = MLP(cfg.model_dim)
+
+    def forward(self, x, x0, lambdas, ve, v_lambdas, rotary, cu_seqlens, max_seqlen, window):
+        x = lambdas[0] * x + lambdas[1] * x0
+        if self.attn is not None:
+            x = x + self.attn(norm(x), ve, v_lambdas, rotary, cu_seqlens, max_seqlen, window)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: Config, max_seq_len: int, world_size: int):
+        super().__init__()
+        vocab, dim = next_multiple(cfg.vocab_size, 128), cfg.model_dim
+        self.embed = nn.Embedding(vocab, dim).bfloat16()
+        self.value_embeds = nn.ModuleList(nn.Embedding(vocab, dim).bfloat16() for _ in range(3))
+        self.smear_gate = nn.Parameter(torch.zeros(1, GATE_INPUTS, dtype=torch.bfloat16))
+        self.blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in MLP_LAYERS})
+        self.lm_head = nn.Parameter(torch.zeros(vocab, dim, dtype=torch.bfloat16))
+        self.rotary = Rotary(cfg.head_dim, max_seq_len, cfg.window_block)
+        # one fp32 vector: skip weights, (a, b) residual mix per layer, value-embedding lambdas, smear, backout
+        scalars = [torch.full((NUM_LAYERS,), -1.5), torch.tensor([1.0, 0.0]).repeat(NUM_LAYERS),
+                   torch.tensor([0.5, 0.5]).repeat(NUM_LAYERS), torch.tensor([0.0, 0.5])]
+        used = sum(s.numel() for s in scalars)
+        self.scalars = nn.Parameter(torch.cat(scalars + [torch.ones(next_multiple(used, world_size) - used)]))
+        self.fp8_head = False  # FP8 lm_head in training, set on CUDA
+
+    def forward(self, inputs: Tensor, targets: Tensor, cu_seqlens: Tensor, max_seqlen: int, short_window: int, long_window: int):
+        L = NUM_LAYERS
+        s = self.scalars
+        skip_weights, lambdas, v_lambdas = s[:L], s[L:3 * L].view(L, 2), s[3 * L:5 * L].view(L, 2)
+        smear_lambda, backout_lambda = s[5 * L], s[5 * L + 1]
+        value_embeds = [embed(inputs) for embed in self.value_embeds]
+
+        x = self.embed(inputs)
+        smear = smear_lambda * torch.sigmoid(F.linear(x[1:, :GATE_INPUTS], self.smear_gate))
+        x = x0 = norm(torch.cat([x[:1], x[1:] + smear * x[:-1]]))
+        skips, backout = [], None
+        for i in MLP_LAYERS:
+            if i in SKIP_POP_LAYERS:
+                x = x + torch.sigmoid(skip_weights[i]) * skips.pop()
+            window = (long_window if i in LONG_WINDOW_LAYERS else short_window) * self.rotary.window_block
+            ve = value_embeds[VALUE_EMBED_OF_LAYER[i]] if i in VALUE_EMBED_OF_LAYER else None
+            x = self.blocks[str(i)](x, x0, lambdas[i], ve, v_lambdas[i], self.rotary, cu_seqlens, max_seqlen, window)
+            if i in SKIP_PUSH_LAYERS:
+                skips.append(x)
+            if i == BACKOUT_LAYER:
+                backout = x
+        x = norm(x - backout_lambda * backout)
+
+        if self.training and self.fp8_head:
+            logits = fp8_mm(x, self.lm_head, **LM_HEAD_FP8_SCALES)[0]
+        else:
+            logits = F.linear(x, self.lm_head.type_as(x))
+        logits = LOGIT_CAP * torch.sigmoid(logits.float() / LOGIT_TEMPERATURE)
+        return F.cross_entropy(logits, targets, reduction="sum" if self.training else "mean")
+
+
+def make_optimizers(cfg: Config, model: GPT) -> tuple[NorMuon, DistAdam]:
+    blocks = [model.blocks[str(i)] for i in MLP_LAYERS]
+    for block in blocks:
+        block.mlp.fc.lr_mul = cfg.mlp_in_lr_mul
+    attn = [b.attn for b in blocks if b.attn is not None]
+    # small gates first, so their communication finishes while the big groups are still on the way
+    matrix_groups = [[model.smear_gate], [a.gate for a in attn], [a.qkvo for a in attn],
+                     [p for b in blocks for p in (b.mlp.fc, b.mlp.proj)]]
+    normuon = NorMuon([dict(params=g) for g in matrix_groups], lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
+                      weight_decay_mode=cfg.weight_decay_mode, momentum=cfg.muon_momentum, beta2=cfg.muon_beta2)
+    for p in [model.embed.weight, *(e.weight for e in model.value_embeds)]:
+        p.lr_mul = cfg.embed_lr_mul
+    model.scalars.lr_mul = cfg.scalar_lr_mul
+    adam = DistAdam([model.embed.weight, *(e.weight for e in model.value_embeds), model.lm_head, model.scalars],
+                    lr=cfg.adam_lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    for opt in (normuon, adam):
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return normuon, adam
+
+
+# -----------------------------------------------------------------------------
+# Data loading: shards of uint16 tokens, BOS-aligned training batches, contiguous validation batches
+
+SHARD_MAGIC, SHARD_VERSION = 20240520, 1
+HEADER_INTS = 256  # little-endian int32: magic, version, token count, then zeros
+HEADER_BYTES = HEADER_INTS * 4
+
+
+class DataError(UserError):
+    pass
+
+
+def read_shard_header(path) -> int:
+    """Check a token shard's header against its size and return its token count."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise DataError(f"{path}: only {size} bytes, shorter than the {HEADER_BYTES}-byte shard header; "
+                        "the file is truncated or not a token shard: delete it and download or generate it again")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise DataError(f"{path}: magic number {header[0]} is not {SHARD_MAGIC}, so this is not a token shard; "
+                        "point --train_files / --val_files at .bin shards made by the tools in data/")
+    if header[1] != SHARD_VERSION:
+        raise DataError(f"{path}: shard version {header[1]} is not {SHARD_VERSION}; regenerate it with the tools in data/")
+    num_tokens = int(header[2])
+    expected = HEADER_BYTES + 2 * num_tokens
+    if num_tokens < 0 or size != expected:
+        raise DataError(f"{path}: header says {num_tokens} tokens ({expected} bytes) but the file has {size} bytes; "
+                        "it is truncated or corrupt: delete it and download or generate it again")
+    return num_tokens
+
+
+def list_shards(pattern: str, flag: str) -> list[Path]:
+    """The shards matching `pattern`, each header checked, so a bad file fails the run before it starts."""
+    files = sorted(Path(f) for f in glob.glob(pattern))
+    if not files:
+        raise DataError(f"--{flag}={pattern} matches no files; download FineWeb shards with "
+                        "`python data/cached_fineweb10B.py`, make synthetic ones with `python data/synthetic.py`, "
+                        f"or point --{flag} at your shards")
+    for f in files:
+        read_shard_header(f)
+    return files
+
+
+def load_shard(path: Path, vocab_size: int) -> Tensor:
+    num_tokens = read_shard_header(path)
+    tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=HEADER_BYTES)
+    if tokens.size != num_tokens:
+        raise DataError(f"{path}: could read only {tokens.size} of {num_tokens} tokens; download or generate it again")
+    if num_tokens and int(tokens.max()) >= vocab_size:
+        raise DataError(f"{path}: holds token {int(tokens.max())}, outside --vocab_size={vocab_size}; "
+                        "use shards made for this vocabulary or set --vocab_size")
+    return torch.from_numpy(tokens)
+
+
+def cu_seqlens_from_starts(starts: list[int], length: int, device) -> Tensor:
+    """Cumulative document boundaries for the attention, padded with `length` to a multiple of 128 entries of
+    at least length/300, so that the compiled graphs see few distinct shapes."""
+    size = next_multiple(max(len(starts) + 1, length // 300), 128)
+    cu = torch.full((size,), length, dtype=torch.int32, pin_memory=device.type == "cuda")
+    cu[:len(starts)] = torch.tensor(starts, dtype=torch.int32)
+    return cu.to(device, non_blocking=True)
+
+
+def to_device(buf: Tensor, device) -> tuple[Tensor, Tensor]:
+    """(inputs, targets) from a buffer of length + 1 tokens."""
+    non_blocking = device.type == "cuda"
+    inputs = buf[:-1].to(device=device, dtype=torch.int32, non_blocking=non_blocking)
+    targets = buf[1:].to(device=device, dtype=torch.int64, non_blocking=non_blocking)
+    return inputs, targets
+
+
+class DocumentStream:
+    """The training shards' documents in order; the next shard is read and indexed on a background thread."""
+
+    def __init__(self, files: list[Path], vocab_size: int):
+        self.files, self.vocab_size, self.bos_id = files, vocab_size, vocab_size - 1
+        self.next_file, self.tokens, self.starts, self.doc = 0, None, None, 0
+        self._start_loading()
+
+    def _start_loading(self):
+        self._loaded = {}
+        if self.next_file < len(self.files):
+            path = self.files[self.next_file]
+            self._thread = threading.Thread(target=self._load, args=(path,), daemon=True)
+            self._thread.start()
+
+    def _load(self, path):
+        try:
+            tokens = load_shard(path, self.vocab_size)
+            starts = np.flatnonzero(tokens.numpy() == self.bos_id)
+            if starts.size == 0:
+                raise DataError(f"{path}: no BOS token ({self.bos_id}) in the shard, so it has no documents to train on; "
+                                "check --vocab_size (BOS is its last token) or regenerate the shard")
+            self._loaded["shard"] = (tokens, np.append(starts, tokens.numel()))
+        except BaseException as e:
+            self._loaded["error"] = e
+
+    def _next_shard(self):
+        if self.next_file >= len(self.files):
+            raise DataError(f"the {len(self.files)} training shards ran out; download more "
+                            "(`python data/cached_fineweb10B.py 18`) or add shards to --train_files")
+        self._thread.join()
+        if "error" in self._loaded:
+            raise self._loaded["error"]
+        self.tokens, self.starts = self._loaded["shard"]
+        self.doc = 0
+        self.next_file += 1
+        self._start_loading()
+
+    def take(self, budget: int, max_doc_tokens: int, keep: bool) -> list[Tensor]:
+        """The next `budget` tokens: whole documents from their BOS, each cut to max_doc_tokens (the rest of a
+        longer document is skipped), the last one cut to fill the budget exactly. Without `keep` only the
+        position advances and nothing is returned."""
+        pieces = []
+        while budget > 0:
+            if self.tokens is None or self.doc + 1 >= len(self.starts):
+                self._next_shard()
+            start, end = int(self.starts[self.doc]), int(self.starts[self.doc + 1])
+            n = min(end - start, max_doc_tokens, budget)
+            if keep:
+                pieces.append(self.tokens[start:start + n])
+            budget -= n
+            self.doc += 1
+        return pieces
+
+
+class TrainBatches:
+    """Per micro-step, the ranks take consecutive packed sequences of documents; this rank keeps its own."""
+
+    def __init__(self, files: list[Path], cfg: Config, micro_tokens: int, rank: int, world: int, device):
+        self.files, self.cfg, self.micro_tokens, self.rank, self.world, self.device = files, cfg, micro_tokens, rank, world, device
+        self.reset()
+
+    def reset(self):
+        self.stream = DocumentStream(self.files, self.cfg.vocab_size)
+
+    def next(self):
+        for r in range(self.world):
+            pieces = self.stream.take(self.micro_tokens + 1, self.cfg.max_doc_tokens, keep=r == self.rank)
+            if r == self.rank:
+                mine = pieces
+        buf = torch.empty(self.micro_tokens + 1, dtype=torch.uint16, pin_memory=self.device.type == "cuda")
+        torch.cat(mine, out=buf)
+        starts = np.cumsum([0] + [len(p) for p in mine[:-1]])
+        starts = [int(s) for s in starts if s < self.micro_tokens]
+        inputs, targets = to_device(buf, self.device)
+        return inputs, targets, cu_seqlens_from_starts(starts, self.micro_tokens, self.device), self.cfg.max_doc_tokens
+
+
+def val_batches(files: list[Path], cfg: Config, rank: int, world: int, device) -> list[tuple]:
+    """Contiguous (not BOS-aligned) chunks of the validation shards, moved to the device once."""
+    need = cfg.val_tokens + 1
+    have, shards = 0, []
+    for f in files:
+        if have >= need:
+            break
+        shards.append(load_shard(f, cfg.vocab_size))
+        have += shards[-1].numel()
+    if have < need:
+        raise DataError(f"too few validation tokens: {', '.join(map(str, files))} hold {have}, but --val_tokens={cfg.val_tokens} "
+                        f"needs {need}; lower --val_tokens (a multiple of --val_batch_tokens={cfg.val_batch_tokens}) "
+                        "or add validation shards")
+    tokens = torch.cat(shards)[:need]
+    per_rank = cfg.val_batch_tokens // world
+    batches = []
+    for offset in range(0, cfg.val_tokens, cfg.val_batch_tokens):
+        buf = tokens[offset + rank * per_rank:][:per_rank + 1].clone()
+        starts = np.flatnonzero(buf[:-1].numpy() == cfg.bos_id).tolist()
+        starts = starts if starts[:1] == [0] else [0] + starts
+        inputs, targets = to_device(buf, device)
+        batches.append((inputs, targets, cu_seqlens_from_starts(starts, per_rank, device), per_rank))
+    return batches
+
+
+# -----------------------------------------------------------------------------
+# Training loop
+
+
+class TrainingError(Exception):
+    pass
+
+
+def lr_multiplier(cfg: Config, step: int) -> float:
+    """1 for the first part of the schedule, then linear down to final_lr_frac; extension steps stay there."""
+    x = min(0.9999, step / cfg.num_scheduled_iterations)
+    if x < 1 - cfg.cooldown_frac:
+        return 1.0
+    w = (1 - x) / cfg.cooldown_frac
+    return w + (1 - w) * cfg.final_lr_frac
+
+
+def muon_momentum(cfg: Config, step: int) -> float:
+    low, high = cfg.muon_momentum_min, cfg.muon_momentum
+    if step < cfg.momentum_warmup_steps:
+        return low + (high - low) * step / cfg.momentum_warmup_steps
+    cooldown_start = cfg.num_iterations - cfg.momentum_cooldown_steps
+    if step > cooldown_start:
+        return high - (high - low) * (step - cooldown_start) / cfg.momentum_cooldown_steps
+    return high
+
+
+def long_window(cfg: Config, step: int) -> int:
+    if step >= cfg.num_scheduled_iterations:
+        return cfg.window_extension
+    return cfg.window_schedule[step * len(cfg.window_schedule) // cfg.num_scheduled_iterations]
+
+
+def set_schedules(cfg: Config, optimizers, step: int):
+    normuon, adam = optimizers
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lr_multiplier(cfg, step)
+    for group in normuon.param_groups:
+        group["momentum"] = muon_momentum(cfg, step)
+
+
+class LossCheck:
+    """Stops the run on a NaN or infinite training loss. On CUDA each step's loss is read one step late,
+    so the GPU never idles waiting for the host."""
+
+    def __init__(self, device):
+        self.device, self.pending = device, None
+
+    def push(self, step: int, loss: Tensor):
+        self.check()
+        if self.device.type == "cuda":
+            host = torch.empty((), dtype=loss.dtype, pin_memory=True)
+            host.copy_(loss.detach(), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending = (step, host, event)
+        else:
+            self.pending = (step, loss.detach(), None)
+
+    def check(self):
+        if self.pending is None:
+            return
+        step, loss, event = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+        if not math.isfinite(loss.item()):
+            raise TrainingError(f"step {step}: training loss is {loss.item()}; stopping the run. "
+                                "Lower the learning rates or check the data of this step")
+
+
+def train_step(cfg: Config, model, optimizers, batches: TrainBatches, grad_accum: int, step: int, windows) -> Tensor:
+    """Forward and backward over the micro-batches, then the optimizers: even steps update the NorMuon matrices only,
+    odd steps update everything, so Adam's parameters accumulate two steps of gradient."""
+    total = 0
+    for _ in range(grad_accum):
+        inputs, targets, cu_seqlens, max_seqlen = batches.next()
+        loss = model(inputs, targets, cu_seqlens, max_seqlen, *windows) / grad_accum
+        loss.backward()
+        total = total + loss.detach()
+    set_schedules(cfg, optimizers, step)
+    normuon, adam = optimizers
+    normuon.step()
+    normuon.zero_grad(set_to_none=True)
+    if step % 2 == 1:
+        adam.step()
+        adam.zero_grad(set_to_none=True)
+    return total
+
+
+@torch.no_grad()
+def evaluate(model, batches: list, windows) -> float:
+    model.eval()
+    total = torch.zeros((), device=batches[0][0].device)
+    for inputs, targets, cu_seqlens, max_seqlen in batches:
+        total += model(inputs, targets, cu_seqlens, max_seqlen, *windows)
+    model.train()
+    dist.all_reduce(total, op=dist.ReduceOp.AVG)
+    loss = total.item() / len(batches)
+    if not math.isfinite(loss):
+        raise TrainingError(f"validation loss is {loss}; stopping the run")
+    return loss
+
+
+def setup_device(cfg: Config):
+    """Pick the device and start the process group (a group of one without torchrun), before any heavy work."""
+    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    kind = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device=cuda but no CUDA GPU is visible to PyTorch; check nvidia-smi and "
+                              "CUDA_VISIBLE_DEVICES, install a CUDA build of torch, or run with --device=cpu")
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} are visible; "
+                              "lower --nproc_per_node")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    backend = "nccl" if kind == "cuda" else "gloo"
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, device_id=device if kind == "cuda" else None)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return device, rank, world
+
+
+def train(cfg: Config, device, rank: int, world: int, log: "RunLog"):
+    grad_accum, micro_tokens = batch_split(cfg, world)
+    train_files = list_shards(cfg.train_files, "train_files")
+    val_data = val_batches(list_shards(cfg.val_files, "val_files"), cfg, rank, world, device)
+    batches = TrainBatches(train_files, cfg, micro_tokens, rank, world, device)
+    log.line(f"world size {world}, {grad_accum} micro-steps of {micro_tokens} tokens per rank, "
+             f"{len(train_files)} training shards, {cfg.val_tokens} validation tokens")
+
+    torch.manual_seed(cfg.seed)
+    raw_model = GPT(cfg, max(micro_tokens, cfg.val_batch_tokens // world), world).to(device)
+    for p in raw_model.parameters():
+        dist.broadcast(p.detach(), 0)
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    raw_model.fp8_head = device.type == "cuda"
+    model = torch.compile(raw_model, dynamic=False, fullgraph=True) if use_compile else raw_model
+    torch._dynamo.config.recompile_limit = 64  # one graph per window pair and mode
+    initial_state = {k: v.clone() for k, v in raw_model.state_dict().items()}
+    check = LossCheck(device)
+
+    # Warm-up: compile the training graph of every window size and both kinds of step, then undo it all.
+    optimizers = make_optimizers(cfg, raw_model)
+    if cfg.warmup_steps:
+        sizes = sorted(set(cfg.window_schedule) | {cfg.window_extension})
+        for step in range(cfg.warmup_steps):
+            size = sizes[step % len(sizes)]
+            check.push(step, train_step(cfg, model, optimizers, batches, grad_accum, step, (size // 2, size)))
+        check.check()
+        raw_model.zero_grad(set_to_none=True)
+        raw_model.load_state_dict(initial_state)
+        batches.reset()
+        optimizers = make_optimizers(cfg, raw_model)
+    del initial_state
+
+    total_steps = cfg.num_iterations
+    stop = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    windows = (long_window(cfg, 0) // 2, long_window(cfg, 0))
+    train_ms = 0.0
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for step in range(stop + 1):
+        last = step == stop
+        if last or (cfg.val_loss_every and step % cfg.val_loss_every == 0):
+            check.check()
+            sync()
+            train_ms += 1000 * (time.perf_counter() - t0)
+            val_windows = (windows[0], cfg.window_final_val) if last else windows
+            log.val(step, total_steps, evaluate(model, val_data, val_windows), train_ms)
+            sync()
+            t0 = time.perf_counter()
+        if last:
+            break
+        new_long = long_window(cfg, step)
+        if new_long != windows[1]:
+            raw_model.rotary.extend_window(windows[1], new_long)
+            windows = (new_long // 2, new_long)
+        check.push(step, train_step(cfg, model, optimizers, batches, grad_accum, step, windows))
+        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        log.line(f"step:{step + 1}/{total_steps} train_time:{elapsed:.0f}ms step_avg:{elapsed / (step + 1):.2f}ms")
+    log.finish(stop, train_ms, peak_memory(device))
+
+
+def peak_memory(device) -> tuple[int, int]:
+    """(allocated, reserved) MiB: the CUDA allocator's peaks, or the process's peak resident size on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() // 2 ** 20, torch.cuda.max_memory_reserved() // 2 ** 20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    return rss, rss
+
+
+def main(argv=None) -> int:
+    log = None
+    try:
+        cfg = parse_config(sys.argv[1:] if argv is None else argv)
+        device, rank, world = setup_device(cfg)
+        log = RunLog(cfg, rank, world, device)
+        train(cfg, device, rank, world, log)
+        return 0
+    except UserError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        if log is not None:
+            log.fail(f"error: {e}")
+        return 2
+    except BaseException:
+        if log is not None:
+            log.fail(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# Logging: rank 0 writes <log_dir>/<UTC time>_<run id>.txt and a .json beside it, flushed as they go
+
+SEPARATOR = "=" * 100
+
+
+def environment(device, world: int) -> dict:
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "triton": getattr(triton, "__version__", None), "device": device.type, "world_size": world,
+            "gpu": gpu, "hostname": socket.gethostname()}
+
+
+def hardware_report() -> str:
+    try:
+        return subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return f"no nvidia-smi; CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+class RunLog:
+    def __init__(self, cfg: Config, rank: int, world: int, device):
+        self.enabled = rank == 0
+        if not self.enabled:
+            return
+        started = datetime.datetime.now(datetime.timezone.utc)
+        run_id = uuid.uuid4().hex[:8]
+        stem = f"{started:%Y-%m-%d_%H-%M-%S}_{run_id}"
+        folder = Path(cfg.log_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.txt_path, self.json_path = folder / f"{stem}.txt", folder / f"{stem}.json"
+        env = environment(device, world)
+        self.record = {"format": "train_gpt-record/1", "run_id": run_id, "status": "running",
+                       "started_utc": started.strftime("%Y-%m-%dT%H:%M:%SZ"), "log_file": self.txt_path.name,
+                       "config": dataclasses.asdict(cfg), "env": env, "num_steps": cfg.num_iterations, "steps_done": 0,
+                       "val": [], "final_val_loss": None, "train_time_ms": None, "step_avg_ms": None,
+                       "peak_memory_allocated_mib": None, "peak_memory_reserved_mib": None, "error": None}
+        self.file = open(self.txt_path, "w")
+        print(f"record: {self.txt_path}", flush=True)
+        self.file.write(Path(__file__).read_text() + "\n" + SEPARATOR + "\n")
+        self.file.write("config: " + json.dumps(dataclasses.asdict(cfg)) + "\n")
+        self.file.write(f"Python {env['python']}, PyTorch {env['torch']}, Triton {env['triton'] or 'not installed'}\n")
+        self.file.write(hardware_report() + "\n" + SEPARATOR + "\n")
+        self.file.flush()
+        self._write_json()
+
+    def line(self, text: str, echo: bool = True):
+        if not self.enabled:
+            return
+        if echo:
+            print(text, flush=True)
+        self.file.write(text + "\n")
+        self.file.flush()
+
+    def val(self, step: int, total_steps: int, loss: float, train_ms: float):
+        self.line(f"step:{step}/{total_steps} val_loss:{loss:.4f} train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+        if self.enabled:
+            self.record["val"].append({"step": step, "val_loss": loss, "train_time_ms": train_ms})
+            self.record["steps_done"] = step
+            self._write_json()
+
+    def finish(self, steps: int, train_ms: float, memory: tuple[int, int]):
+        self.line(f"peak memory allocated: {memory[0]} MiB reserved: {memory[1]} MiB")
+        if self.enabled:
+            self.record.update(status="finished", steps_done=steps, final_val_loss=self.record["val"][-1]["val_loss"],
+                               train_time_ms=train_ms, step_avg_ms=train_ms / max(steps, 1),
+                               peak_memory_allocated_mib=memory[0], peak_memory_reserved_mib=memory[1])
+            self._write_json()
+            self.file.close()
+
+    def fail(self, message: str):
+        if not self.enabled or self.file.closed:
+            return
+        self.line(message.rstrip(), echo=False)
+        self.record.update(status="failed", error=message)
+        self._write_json()
+        self.file.close()
+
+    def _write_json(self):
+        tmp = self.json_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.record, indent=1))
+        os.replace(tmp, self.json_path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
