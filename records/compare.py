@@ -1,0 +1,580 @@
+"""Summarise and compare speedrun runs: final-loss statistics, validation curves side by side, plots.
+
+    python records/compare.py summary logs/
+    python records/compare.py diff logs/ --baseline record43
+    python records/compare.py plot logs/ --baseline record43 -o curves.png
+
+A RUN is a record written by train_gpt.py (logs/<stem>.json, or the .txt log beside it), a log in the
+speedrun's public text format, the figures.json of a published record, or a folder holding such files.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+TARGET_LOSS = 3.28
+RECORDS_DIR = Path(__file__).resolve().parent
+RECORD_FORMAT = "train_gpt-record/1"    # the .json train_gpt.py writes beside its log
+FIGURES_FORMAT = "speedrun-figures/1"   # published figures of a record, see records/README.md
+SEPARATOR = "=" * 100                   # ends the trainer's source code at the top of a log
+
+# Only whole lines that match these count: the source code above the separator holds the same
+# format strings inside f-strings.
+_NUM = r"(\d+(?:\.\d+)?|nan)"
+VAL_LINE = re.compile(rf"step:(\d+)/(\d+) val_loss:{_NUM} train_time:(\d+(?:\.\d+)?)ms step_avg:{_NUM}ms")
+TRAIN_LINE = re.compile(rf"step:(\d+)/(\d+) train_time:(\d+(?:\.\d+)?)ms step_avg:{_NUM}ms")
+PEAK_LINE = re.compile(r"peak memory allocated: (\d+) MiB reserved: (\d+) MiB")
+
+RUN_HELP = ("a record file written by train_gpt.py (.json, or its .txt log), a log in the public speedrun "
+            "format ('step:S/N val_loss:L train_time:Tms step_avg:Ams' lines), a figures.json of a "
+            "published record, a folder of these (a .json is taken over the .txt of the same name), or the "
+            "name of a record folder in records/ such as record43")
+
+
+class RecordError(Exception):
+    """A problem with an input file or argument: reported as one message and exit status 1."""
+
+
+@dataclass
+class ValPoint:
+    step: int
+    val_loss: float
+    train_time_ms: float
+
+
+@dataclass
+class Run:
+    name: str
+    source: Path
+    num_steps: int                   # N: scheduled plus extension steps
+    steps_done: int
+    final: ValPoint                  # the last validation: a run's final loss and time
+    hardware: str
+    val: list[ValPoint] = field(default_factory=list)   # empty where only final figures are published
+    incomplete: str | None = None    # why the run did not finish; None for a finished run
+    peak_memory_mib: tuple[int, int] | None = None      # (allocated, reserved)
+
+
+@dataclass
+class Timing:
+    label: str
+    times_s: list[float]
+
+
+@dataclass
+class RunSet:
+    name: str
+    runs: list[Run]
+    other_timings: list[Timing]      # published timings of a record taken apart from its runs
+
+    @property
+    def timings(self) -> list[Timing]:
+        return [Timing("all runs", [r.final.train_time_ms / 1000 for r in self.runs])] + self.other_timings
+
+
+# -----------------------------------------------------------------------------
+# Reading runs
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError as e:
+        raise RecordError(f"{path}: cannot be read ({e.strerror}); check the path and its permissions")
+
+
+def damaged_fix(path: Path) -> str:
+    """What to do about a damaged .json: its .txt log carries the same run."""
+    txt = path.with_suffix(".txt")
+    return f"use the log {txt} instead" if txt.is_file() else "restore the file or leave it out"
+
+
+def parse_points(items) -> list[ValPoint]:
+    return [ValPoint(int(p["step"]), float(p["val_loss"]), float(p["train_time_ms"])) for p in items]
+
+
+def run_from_log(path: Path) -> Run:
+    """A .txt log: ours (source code, separator, header, log lines) or a public speedrun log."""
+    lines = read_text(path).splitlines()
+    if SEPARATOR in lines:
+        lines = lines[lines.index(SEPARATOR) + 1:]
+    val, num_steps, steps_done, peak = [], None, 0, None
+    for line in map(str.strip, lines):
+        if m := PEAK_LINE.fullmatch(line):
+            peak = (int(m[1]), int(m[2]))
+        elif m := VAL_LINE.fullmatch(line) or TRAIN_LINE.fullmatch(line):
+            steps_done, num_steps = int(m[1]), int(m[2])
+            if m.re is VAL_LINE:
+                val.append(ValPoint(steps_done, float(m[3]), float(m[4])))
+    if num_steps is None:
+        raise RecordError(f"{path}: not a record: no 'step:S/N ...' log line in it; pass a .json/.txt record "
+                          "written by train_gpt.py, a public speedrun log, or a folder of them")
+    if not val:
+        raise RecordError(f"{path}: no validation line ('step:S/N val_loss:L ...'): the run stopped before its "
+                          "first validation, so it has no loss to compare; leave this file out")
+    # A run stopped early on purpose (max_steps) still reaches the closing peak-memory line.
+    incomplete = None
+    if val[-1].step < num_steps and peak is None:
+        incomplete = f"log ends at step {steps_done} of {num_steps}, before the final validation"
+    return Run(path.stem, path, num_steps, steps_done, val[-1], "unknown", val, incomplete, peak)
+
+
+def run_from_record(path: Path, data: dict) -> Run:
+    """A .json record written by train_gpt.py."""
+    try:
+        val, status, env = parse_points(data["val"]), data["status"], data["env"]
+        num_steps, steps_done = int(data["num_steps"]), int(data["steps_done"])
+        hardware = f"{env['world_size']}x {env['gpu'] or env['device']}"
+        allocated, reserved = data["peak_memory_allocated_mib"], data["peak_memory_reserved_mib"]
+        name = str(data["run_id"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise RecordError(f"{path}: damaged record, field {e} is missing or malformed; {damaged_fix(path)}")
+    if status not in ("finished", "running", "failed"):
+        raise RecordError(f"{path}: damaged record, status {status!r} is not finished, running or failed; "
+                          f"{damaged_fix(path)}")
+    if not val:
+        raise RecordError(f"{path}: no validation point ('val' is empty): the run stopped before its first "
+                          "validation, so it has no loss to compare; leave this file out")
+    incomplete = None if status == "finished" else f"status '{status}' at step {steps_done} of {num_steps}"
+    peak = None if allocated is None or reserved is None else (int(allocated), int(reserved))
+    return Run(name, path, num_steps, steps_done, val[-1], hardware, val, incomplete, peak)
+
+
+def runs_from_figures(path: Path, data: dict) -> RunSet:
+    """The published figures of a record: per-run final losses and times, curves where published."""
+    try:
+        name, hardware, num_steps = str(data["name"]), str(data["hardware"]), int(data["num_steps"])
+        peak = data.get("peak_memory_mib")
+        peak = None if peak is None else (int(peak["allocated"]), int(peak["reserved"]))
+        runs = [Run(f"{name} #{i}", path, num_steps, num_steps,
+                    ValPoint(num_steps, float(r["final_val_loss"]), 1000 * float(r["train_time_s"])),
+                    hardware, parse_points(r.get("val", [])), None, peak)
+                for i, r in enumerate(data["runs"], 1)]
+        timings = [Timing(str(t["label"]), [float(x) for x in t["train_times_s"]])
+                   for t in data.get("other_timings", [])]
+    except (KeyError, TypeError, ValueError) as e:
+        raise RecordError(f"{path}: damaged figures file, field {e} is missing or malformed; "
+                          "see records/README.md for the format")
+    if not runs:
+        raise RecordError(f"{path}: the figures file lists no runs; add the published runs to 'runs'")
+    return RunSet(name, runs, timings)
+
+
+def load_file(path: Path) -> RunSet:
+    if path.suffix != ".json":
+        run = run_from_log(path)
+        return RunSet(run.name, [run], [])
+    text = read_text(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        problem = "empty" if not text.strip() else f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+        raise RecordError(f"{path}: {problem}: the file is truncated or corrupt; {damaged_fix(path)}")
+    kind = data.get("format") if isinstance(data, dict) else None
+    if kind == RECORD_FORMAT:
+        run = run_from_record(path, data)
+        return RunSet(run.name, [run], [])
+    if kind == FIGURES_FORMAT:
+        return runs_from_figures(path, data)
+    raise RecordError(f"{path}: not a record: JSON without \"format\": \"{RECORD_FORMAT}\" or "
+                      f"\"{FIGURES_FORMAT}\"; pass a record written by train_gpt.py or a figures.json")
+
+
+def resolve(name_or_path: str) -> Path:
+    """A path as given, else the record folder of that name in records/ (record43, record42, ...)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    if (RECORDS_DIR / name_or_path).is_dir():
+        return RECORDS_DIR / name_or_path
+    available = sorted(p.name for p in RECORDS_DIR.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+    raise RecordError(f"{name_or_path}: no such file or folder, nor a record folder in {RECORDS_DIR}; "
+                      f"check the path or use one of {', '.join(available)}")
+
+
+def record_files(args: list[str]) -> list[tuple[Path, str | None]]:
+    """The files named by the arguments, folders expanded, each with the folder name it came from."""
+    files = []
+    for arg in args:
+        path = resolve(arg)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".json", ".txt"))
+            if not found:
+                raise RecordError(f"{path}: the folder holds no .json or .txt record files; pass a folder "
+                                  "with records written by train_gpt.py, or the files themselves")
+            files += [(p, path.resolve().name) for p in found]
+        else:
+            files.append((path, None))
+    # A .json and the .txt log beside it describe one run: keep the .json; drop repeats.
+    json_stems = {p.with_suffix("").resolve() for p, _ in files if p.suffix == ".json"}
+    seen, kept = set(), []
+    for path, folder in files:
+        key = path.resolve()
+        if key in seen or (path.suffix == ".txt" and key.with_suffix("") in json_stems):
+            continue
+        seen.add(key)
+        kept.append((path, folder))
+    return kept
+
+
+def load_set(args: list[str], allow_incomplete: bool) -> RunSet:
+    """The runs named by the arguments as one set; incomplete runs refused unless allowed."""
+    labels, runs, timings = [], [], []
+    for path, folder in record_files(args):
+        loaded = load_file(path)
+        labels.append(folder or loaded.name)
+        runs += loaded.runs
+        timings += loaded.other_timings
+    incomplete = [r for r in runs if r.incomplete]
+    if incomplete and not allow_incomplete:
+        raise RecordError("\n".join(f"{r.source}: run {r.name} is incomplete ({r.incomplete}); pass "
+                                    "--allow-incomplete to use it anyway, or leave it out" for r in incomplete))
+    labels = list(dict.fromkeys(labels))
+    name = ", ".join(labels) if len(labels) <= 2 else f"{labels[0]} and {len(labels) - 1} more"
+    return RunSet(name, runs, timings)
+
+
+# -----------------------------------------------------------------------------
+# Statistics
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1 in the denominator, as torch.std); std is nan below 2 values."""
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else math.nan)
+
+
+def t_test_below(losses: list[float], target: float = TARGET_LOSS) -> dict:
+    """One-sided one-sample t-test that the mean loss is below the target."""
+    if len(losses) < 2 or np.ptp(losses) == 0:
+        return {"t": math.nan, "df": math.nan, "p": math.nan}  # undefined without spread
+    res = stats.ttest_1samp(losses, target, alternative="less")
+    return {"t": float(res.statistic), "df": float(res.df), "p": float(res.pvalue)}
+
+
+def welch(a: list[float], b: list[float]) -> dict:
+    """Welch's two-sided t-test that two means differ (unequal variances)."""
+    if len(a) < 2 or len(b) < 2 or np.ptp(a) == np.ptp(b) == 0:
+        return {"t": math.nan, "df": math.nan, "p": math.nan}
+    res = stats.ttest_ind(a, b, equal_var=False)
+    return {"t": float(res.statistic), "df": float(res.df), "p": float(res.pvalue)}
+
+
+def mean_curve(runs: list[Run]) -> list[tuple[int, float, int]]:
+    """(step, mean validation loss, number of runs) at every step any of the runs validated at."""
+    by_step: dict[int, list[float]] = {}
+    for run in runs:
+        for p in run.val:
+            by_step.setdefault(p.step, []).append(p.val_loss)
+    return [(step, float(np.mean(losses)), len(losses)) for step, losses in sorted(by_step.items())]
+
+
+def first_step_below(curve: list[tuple[int, float]], target: float = TARGET_LOSS) -> float | None:
+    """The step at which a (step, loss) curve first reaches the target, linear between validations."""
+    for i, (step, loss) in enumerate(curve):
+        if loss <= target:
+            if i == 0:
+                return float(step)
+            prev_step, prev_loss = curve[i - 1]
+            return prev_step + (prev_loss - target) / (prev_loss - loss) * (step - prev_step)
+    return None
+
+
+# -----------------------------------------------------------------------------
+# Reports: a dict (printed as JSON with --json) and its table
+
+def summarise(runset: RunSet) -> dict:
+    losses = [r.final.val_loss for r in runset.runs]
+    loss_mean, loss_std = mean_std(losses)
+    timings = []
+    for t in runset.timings:
+        mean, std = mean_std(t.times_s)
+        timings.append({"label": t.label, "n": len(t.times_s), "mean_s": mean, "std_s": std})
+    peaks = [r.peak_memory_mib for r in runset.runs if r.peak_memory_mib]
+    return {
+        "name": runset.name,
+        "num_runs": len(runset.runs),
+        "runs": [{"name": r.name, "source": str(r.source), "hardware": r.hardware, "num_steps": r.num_steps,
+                  "steps_done": r.steps_done, "final_step": r.final.step, "final_val_loss": r.final.val_loss,
+                  "train_time_s": r.final.train_time_ms / 1000,
+                  "ms_per_step": r.final.train_time_ms / r.final.step if r.final.step else math.nan,
+                  "incomplete": r.incomplete} for r in runset.runs],
+        "val_loss": {"mean": loss_mean, "std": loss_std},
+        "t_test_below_target": {"target": TARGET_LOSS, "alternative": "less", **t_test_below(losses)},
+        "train_time": timings,
+        "hardware": sorted({r.hardware for r in runset.runs}),
+        "num_steps": sorted({r.num_steps for r in runset.runs}),
+        "ms_per_step": float(np.mean([r.final.train_time_ms / r.final.step for r in runset.runs if r.final.step]
+                                     or [math.nan])),
+        "peak_memory_mib": {"allocated": max(p[0] for p in peaks), "reserved": max(p[1] for p in peaks)}
+        if peaks else None,
+    }
+
+
+def diff(runs: RunSet, baseline: RunSet) -> dict:
+    curves = {"runs": mean_curve(runs.runs), "baseline": mean_curve(baseline.runs)}
+    missing = [f"{s.name} has no validation curve" for s, c in zip((runs, baseline), curves.values()) if not c]
+    base_by_step = {step: (loss, n) for step, loss, n in curves["baseline"]}
+    shared = [{"step": step, "runs": loss, "runs_n": n, "baseline": base_by_step[step][0],
+               "baseline_n": base_by_step[step][1], "diff": loss - base_by_step[step][0]}
+              for step, loss, n in curves["runs"] if step in base_by_step]
+    if missing:
+        note = "; ".join(missing) + ": comparing final losses and times only"
+    elif not shared:
+        note = "the two sets share no validation step: comparing final losses and times only"
+    else:
+        note = None
+    a, b = [r.final.val_loss for r in runs.runs], [r.final.val_loss for r in baseline.runs]
+    times = []
+    for ta in runs.timings:
+        for tb in baseline.timings:
+            mean_a, mean_b = float(np.mean(ta.times_s)), float(np.mean(tb.times_s))
+            times.append({"runs_timing": ta.label, "runs_n": len(ta.times_s), "runs_s": mean_a,
+                          "baseline_timing": tb.label, "baseline_n": len(tb.times_s), "baseline_s": mean_b,
+                          "diff_s": mean_a - mean_b, "diff_percent": 100 * (mean_a / mean_b - 1)})
+    sides = {key: {"name": s.name, "num_runs": len(s.runs), "incomplete": sum(bool(r.incomplete) for r in s.runs),
+                   "num_curves": sum(bool(r.val) for r in s.runs),
+                   "first_step_at_target": first_step_below([(step, loss) for step, loss, _ in curves[key]])}
+             for key, s in (("runs", runs), ("baseline", baseline))}
+    return {
+        **sides,
+        "target": TARGET_LOSS,
+        "note": note,
+        "curve": shared,
+        "final_val_loss": {"runs": float(np.mean(a)), "baseline": float(np.mean(b)),
+                           "diff": float(np.mean(a) - np.mean(b)), "welch": welch(a, b)},
+        "train_time": times,
+    }
+
+
+def fmt(x: float, spec: str) -> str:
+    return "n/a" if math.isnan(x) else format(x, spec)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header] + rows)
+
+
+def render_summary(s: dict) -> str:
+    rows = [[r["name"] + (" *" if r["incomplete"] else ""), f"{r['steps_done']}/{r['num_steps']}",
+             fmt(r["final_val_loss"], ".4f"), fmt(r["train_time_s"], ".3f"), fmt(r["ms_per_step"], ".2f")]
+            for r in s["runs"]]
+    out = [f"{s['name']}: {s['num_runs']} run{'s' * (s['num_runs'] != 1)}, hardware {', '.join(s['hardware'])}", "",
+           table(["run", "steps", "val loss", "time (s)", "ms/step"], rows)]
+    out += [f"* incomplete, {r['source']}: {r['incomplete']}" for r in s["runs"] if r["incomplete"]]
+    t = s["t_test_below_target"]
+    test = ("p = n/a  (the t-test needs at least 2 runs with different losses)" if math.isnan(t["p"]) else
+            f"p = {t['p']:.4f}  (one-sided one-sample t-test, t = {t['t']:.3f}, {t['df']:.0f} df)")
+    out += ["", f"val loss     mean {fmt(s['val_loss']['mean'], '.4f')}  std {fmt(s['val_loss']['std'], '.4f')}",
+            f"mean < {t['target']}  {test}"]
+    for i, timing in enumerate(s["train_time"]):
+        out.append(f"{'train time' if i == 0 else '':<12} mean {fmt(timing['mean_s'], '.4f')} s  "
+                   f"std {fmt(timing['std_s'], '.4f')} s  ({timing['n']}: {timing['label']})")
+    out.append(f"steps        {', '.join(map(str, s['num_steps']))}  ({fmt(s['ms_per_step'], '.2f')} ms per step)")
+    if s["peak_memory_mib"]:
+        out.append(f"peak memory  {s['peak_memory_mib']['allocated']} MiB allocated, "
+                   f"{s['peak_memory_mib']['reserved']} MiB reserved")
+    return "\n".join(out)
+
+
+def render_diff(d: dict) -> str:
+    def described(part):
+        incomplete = f", {part['incomplete']} incomplete" if part["incomplete"] else ""
+        return f"{part['name']} ({part['num_runs']} runs, {part['num_curves']} with a curve{incomplete})"
+    out = [f"runs:     {described(d['runs'])}", f"baseline: {described(d['baseline'])}", ""]
+    if d["note"]:
+        out += [d["note"], ""]
+    else:
+        rows = [[str(c["step"]), f"{c['runs']:.4f}", str(c["runs_n"]), f"{c['baseline']:.4f}", str(c["baseline_n"]),
+                 f"{c['diff']:+.4f}"] for c in d["curve"]]
+        out += [table(["step", "runs", "n", "baseline", "n", "diff"], rows), ""]
+    def first_step(part):
+        if not part["num_curves"]:
+            return "no curve"
+        step = part["first_step_at_target"]
+        return "not reached" if step is None else f"step {step:.1f}"
+    out.append(f"first at {d['target']}  runs: {first_step(d['runs'])}  baseline: {first_step(d['baseline'])}  "
+               "(on the mean curves, interpolated)")
+    f, w = d["final_val_loss"], d["final_val_loss"]["welch"]
+    test = (f"Welch t = {w['t']:.3f}, {w['df']:.1f} df, p = {w['p']:.4f} (two-sided)" if not math.isnan(w["p"])
+            else "Welch's t-test needs at least 2 runs in each set and some spread")
+    out += [f"final loss   runs {f['runs']:.4f}  baseline {f['baseline']:.4f}  diff {f['diff']:+.4f}  {test}", ""]
+    rows = [[f"{t['runs_timing']} ({t['runs_n']})", f"{t['baseline_timing']} ({t['baseline_n']})",
+             f"{t['runs_s']:.4f}", f"{t['baseline_s']:.4f}", f"{t['diff_s']:+.4f}", f"{t['diff_percent']:+.2f}%"]
+            for t in d["train_time"]]
+    out.append(table(["runs timing", "baseline timing", "runs (s)", "baseline (s)", "diff (s)", "diff"], rows))
+    return "\n".join(out)
+
+
+def to_json(report: dict) -> str:
+    """JSON text with nan written as null (JSON has no nan)."""
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return x
+    return json.dumps(clean(report), indent=2)
+
+
+# -----------------------------------------------------------------------------
+# Plot
+
+def write_atomically(path: Path, write) -> None:
+    """Write through a temporary file in the same folder so that a failure leaves no partial file."""
+    tmp = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False)
+    try:
+        write(tmp)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+        tmp.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp.name, 0o666 & ~umask)  # the temporary file was private; give it a normal file's mode
+        os.replace(tmp.name, path)
+    except BaseException:
+        tmp.close()
+        os.unlink(tmp.name)
+        raise
+
+
+def loss_range(losses: list[float]) -> tuple[float, float]:
+    """Axis limits around the losses, stretched to show the target line when it is near."""
+    low, high = min(losses), max(losses)
+    if low < TARGET_LOSS + 0.2:
+        low, high = min(low, TARGET_LOSS), max(high, TARGET_LOSS)
+    margin = 0.05 * (high - low) or 0.01
+    return low - margin, high + margin
+
+
+def draw_runs(ax, sets: list[RunSet], x_of) -> None:
+    """Each run's curve in its set's colour; incomplete runs dashed, runs with only a final loss as dots."""
+    for i, runset in enumerate(sets):
+        for run in runset.runs:
+            points = run.val or [run.final]
+            ax.plot([x_of(p) for p in points], [p.val_loss for p in points], color=f"C{i % 10}",
+                    linestyle="--" if run.incomplete else "-", marker="o" if len(points) == 1 else None,
+                    linewidth=1.2, markersize=4, alpha=0.7)
+    ax.axhline(TARGET_LOSS, color="black", linestyle=":", linewidth=1)
+    ax.grid(alpha=0.3)
+
+
+def plot(sets: list[RunSet], out: Path) -> None:
+    """Validation loss against step and against training time, each with a zoom on the last stretch."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    fig = Figure(figsize=(12, 5.5), dpi=100, layout="constrained")
+    formats = fig.canvas.get_supported_filetypes()
+    if out.suffix[1:] not in formats:
+        raise RecordError(f"{out}: cannot write a {out.suffix or 'suffix-less'} image; end the name with "
+                          f"one of {', '.join('.' + f for f in sorted(formats))}, e.g. curves.png")
+    if not out.parent.is_dir():
+        raise RecordError(f"{out}: folder {out.parent} does not exist; create it or choose another -o path")
+    points = [p for s in sets for r in s.runs for p in (r.val or [r.final])]
+    # The step-0 loss (about ln(vocab)) would flatten everything else: scale to the later points.
+    later = [p.val_loss for p in points if p.step > 0] or [p.val_loss for p in points]
+    panels = fig.subplots(1, 2, sharey=True)
+    for ax, xlabel, x_of in ((panels[0], "step", lambda p: p.step),
+                             (panels[1], "training time (s)", lambda p: p.train_time_ms / 1000)):
+        draw_runs(ax, sets, x_of)
+        ax.set_xlabel(xlabel)
+        # Zoom on the finishes: from a little before the earliest finished run's end to the last point.
+        end = max(x_of(p) for p in points)
+        finishes = [x_of(r.final) for s in sets for r in s.runs if not r.incomplete] or [end]
+        left = min(finishes) - 0.12 * end
+        zoom = ax.inset_axes([0.45, 0.45, 0.52, 0.52])
+        draw_runs(zoom, sets, x_of)
+        zoom.set_xlim(left, 1.01 * end + 1e-9)
+        zoom.set_ylim(*loss_range([p.val_loss for p in points if x_of(p) >= left]))
+        zoom.tick_params(labelsize=8)
+        ax.indicate_inset_zoom(zoom, edgecolor="gray")
+    panels[0].set_ylim(*loss_range(later))
+    panels[0].set_ylabel("validation loss")
+    handles = [Line2D([], [], color=f"C{i % 10}", label=f"{s.name} ({len(s.runs)} runs)") for i, s in enumerate(sets)]
+    handles.append(Line2D([], [], color="black", linestyle=":", label=f"target {TARGET_LOSS}"))
+    if any(r.incomplete for s in sets for r in s.runs):
+        handles.append(Line2D([], [], color="gray", linestyle="--", label="incomplete run"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles))
+    fig.suptitle("validation loss" + (f", baseline {sets[-1].name}" if len(sets) > 1 else ""))
+    write_atomically(out, lambda f: fig.savefig(f, format=out.suffix[1:]))
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python records/compare.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Summarise and compare speedrun runs against each other and against published records.",
+        epilog="RUN: " + RUN_HELP + ".\n"
+               "Runs that failed, are still running or were cut off are refused unless --allow-incomplete is given.\n\n"
+               "examples:\n  python records/compare.py summary record43\n"
+               "  python records/compare.py diff logs/ --baseline record43\n"
+               "  python records/compare.py plot logs/ --baseline record43 -o curves.png")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, help, description):
+        sub = commands.add_parser(name, help=help, description=description)
+        sub.add_argument("runs", nargs="+", metavar="RUN", help=RUN_HELP)
+        return sub
+
+    def add_report_options(sub):
+        sub.add_argument("--allow-incomplete", action="store_true",
+                         help="use failed, running or cut-off runs too (marked in the output)")
+        sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    summary = add("summary", "statistics of one set of runs",
+                  "Statistics of the RUNs taken as one set: per-run final validation loss and time, loss mean "
+                  f"and sample std, the one-sided one-sample t-test that the mean is below {TARGET_LOSS}, "
+                  "training time mean and std, step count and ms per step.")
+    add_report_options(summary)
+    diffing = add("diff", "compare a set of runs with a baseline",
+                  "Compare the RUNs with a baseline: mean loss of each at every validation step both have, the "
+                  "final loss difference with Welch's t-test, the training time difference, and the step "
+                  f"(interpolated) at which each mean curve first reaches {TARGET_LOSS}.")
+    diffing.add_argument("--baseline", required=True, metavar="NAME_OR_PATH",
+                         help="the runs to compare against, as a RUN: record43, record42 or a path")
+    add_report_options(diffing)
+    plotting = add("plot", "plot validation loss against step and training time",
+                   "Plot the validation loss of the RUNs (and the baseline) against step and against training "
+                   "time. Incomplete runs are drawn dashed; runs with only a published final loss as dots.")
+    plotting.add_argument("--baseline", metavar="NAME_OR_PATH",
+                          help="runs to draw in a second colour, as a RUN: record43, record42 or a path")
+    plotting.add_argument("-o", "--output", required=True, metavar="FILE.png", help="image to write (.png, .svg, .pdf)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "plot":
+            sets = [load_set(args.runs, allow_incomplete=True)]
+            if args.baseline:
+                sets.append(load_set([args.baseline], allow_incomplete=True))
+            plot(sets, Path(args.output))
+            print(f"wrote {args.output}")
+            return 0
+        runs = load_set(args.runs, args.allow_incomplete)
+        if args.command == "summary":
+            report, render = summarise(runs), render_summary
+        else:
+            baseline = load_set([args.baseline], args.allow_incomplete)
+            report, render = diff(runs, baseline), render_diff
+    except RecordError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(to_json(report) if args.json else render(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
