@@ -1,0 +1,1 @@
+"""Tools that make token shards: writing them, synthetic ones, the FineWeb download, tokenizing text."""
