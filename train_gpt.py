@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.varlen import varlen_attn
 
 try:
     import triton
@@ -61,8 +62,8 @@ class Config:
     # data
     train_files: str = _arg("data/fineweb10B/fineweb_train_*.bin", "glob of training shards, read in sorted order")
     val_files: str = _arg("data/fineweb10B/fineweb_val_*.bin", "glob of validation shards")
-    val_tokens: int = _arg(10_485_760, "tokens per validation, a multiple of val_batch_tokens")
-    val_batch_tokens: int = _arg(8 * 4 * 64 * 1024, "validation tokens per forward, summed over ranks")
+    val_tokens: int = _arg(10_485_760, "tokens per validation, a multiple of val_seq_tokens")
+    val_seq_tokens: int = _arg(4 * 64 * 1024, "contiguous validation tokens per rank per forward")
     train_batch_tokens: int = _arg(8 * 16 * 2048, "training tokens per optimizer step, summed over ranks")
     micro_batch_tokens: int = _arg(16 * 2048, "most tokens per rank per forward; gradient accumulation does the rest")
     max_doc_tokens: int = _arg(2048, "training documents are cut to this many tokens")
@@ -104,6 +105,7 @@ class Config:
     device: str = _arg("auto", "auto | cuda | cpu")
     compile: str = _arg("auto", "auto (on with CUDA) | on | off: torch.compile of the model")
     log_dir: str = _arg("logs", "folder of the record files")
+    checkpoint: str = _arg("", "where rank 0 saves the final model's state_dict (empty: not saved)")
 
     @property
     def num_iterations(self) -> int:
@@ -119,7 +121,7 @@ PRESETS = {
     "record42": dict(num_scheduled_iterations=2245, weight_decay=0.0),
     "tiny": dict(train_files="data/synthetic/train_*.bin", val_files="data/synthetic/val_*.bin",
                  vocab_size=1024, model_dim=64, num_heads=2, head_dim=32,
-                 train_batch_tokens=8 * 1024, micro_batch_tokens=1024, val_batch_tokens=2048, val_tokens=16 * 2048,
+                 train_batch_tokens=8 * 256, micro_batch_tokens=256, val_seq_tokens=1024, val_tokens=16 * 1024,
                  max_doc_tokens=256, window_block=16, num_scheduled_iterations=300, num_extension_iterations=20,
                  momentum_warmup_steps=30, momentum_cooldown_steps=5, warmup_steps=4, val_loss_every=50),
 }
@@ -145,8 +147,9 @@ def parse_value(name: str, text: str):
             return tuple(int(part) for part in text.split(","))
         return kind(text)
     except ValueError:
-        example = "3,7,11" if kind is tuple else {int: "42", float: "0.5", str: "text"}[kind]
-        raise ConfigError(f"--{name}={text}: expected {'a comma-separated list of integers' if kind is tuple else 'a ' + kind.__name__}, for example --{name}={example}")
+        expected, example = {tuple: ("comma-separated integers", "3,7,11"), int: ("an integer", "42"),
+                             float: ("a number", "0.5")}[kind]
+        raise ConfigError(f"--{name}={text}: expected {expected}, for example --{name}={example}")
 
 
 def parse_config(argv) -> Config:
@@ -178,13 +181,16 @@ def check_config(cfg: Config):
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"--{name}={getattr(cfg, name)}: choose one of {', '.join(allowed)}")
-    for name in ("val_tokens", "val_batch_tokens", "train_batch_tokens", "micro_batch_tokens", "max_doc_tokens",
+    for name in ("val_tokens", "val_seq_tokens", "train_batch_tokens", "micro_batch_tokens", "max_doc_tokens",
                  "model_dim", "num_heads", "head_dim", "num_scheduled_iterations", "window_block"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name}={getattr(cfg, name)}: must be positive")
     for name in ("num_extension_iterations", "warmup_steps", "val_loss_every", "max_steps", "weight_decay"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name}={getattr(cfg, name)}: must not be negative")
+    if cfg.val_tokens % cfg.val_seq_tokens:
+        raise ConfigError(f"--val_tokens={cfg.val_tokens} is not a multiple of --val_seq_tokens={cfg.val_seq_tokens}; "
+                          f"use --val_tokens={max(1, cfg.val_tokens // cfg.val_seq_tokens) * cfg.val_seq_tokens}")
     if cfg.model_dim != cfg.num_heads * cfg.head_dim:
         raise ConfigError(f"--model_dim={cfg.model_dim} must equal num_heads * head_dim = {cfg.num_heads * cfg.head_dim}")
     if cfg.head_dim % 4:
@@ -195,9 +201,6 @@ def check_config(cfg: Config):
         raise ConfigError(f"--vocab_size={cfg.vocab_size}: shards hold uint16 tokens, so use 2..65536")
     if not cfg.window_schedule or min(cfg.window_schedule) <= 0:
         raise ConfigError(f"--window_schedule={cfg.window_schedule}: give positive window sizes, e.g. 3,7,11")
-    if cfg.val_tokens % cfg.val_batch_tokens:
-        raise ConfigError(f"--val_tokens={cfg.val_tokens} is not a multiple of --val_batch_tokens={cfg.val_batch_tokens}; "
-                          f"use {cfg.val_tokens // cfg.val_batch_tokens * cfg.val_batch_tokens or cfg.val_batch_tokens}")
 
 
 def batch_split(cfg: Config, world_size: int) -> tuple[int, int]:
@@ -208,9 +211,6 @@ def batch_split(cfg: Config, world_size: int) -> tuple[int, int]:
         raise ConfigError(f"the global batch of {cfg.train_batch_tokens} tokens cannot be split evenly over {world_size} "
                           f"processes with at most {cfg.micro_batch_tokens} tokens each per micro-step; "
                           "use a world size that divides it (1, 2, 4, 8, 16, ...) or change --train_batch_tokens")
-    if cfg.val_batch_tokens % world_size:
-        raise ConfigError(f"--val_batch_tokens={cfg.val_batch_tokens} cannot be split evenly over {world_size} processes; "
-                          "use a world size that divides it")
     return grad_accum, micro_tokens
 
 
@@ -422,7 +422,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: i
     """Causal attention within documents, each query seeing at most `window` earlier tokens; (T, heads, dim).
     The caller folds the softmax scale into q."""
     if q.is_cuda:
-        from torch.nn.attention.varlen import varlen_attn
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=1.0, window_size=(window, 0))
     pos = torch.arange(q.size(0), device=q.device)
     doc = torch.searchsorted(cu_seqlens[1:].to(pos.dtype), pos, right=True)
@@ -924,7 +923,8 @@ class TrainBatches:
 
 
 def val_batches(files: list[Path], cfg: Config, rank: int, world: int, device) -> list[tuple]:
-    """Contiguous (not BOS-aligned) chunks of the validation shards, moved to the device once."""
+    """Contiguous (not BOS-aligned) chunks of val_seq_tokens, dealt to the ranks in turn and moved to the device
+    once. The chunks do not depend on the world size, so neither does the validation loss."""
     need = cfg.val_tokens + 1
     have, shards = 0, []
     for f in files:
@@ -934,17 +934,17 @@ def val_batches(files: list[Path], cfg: Config, rank: int, world: int, device) -
         have += shards[-1].numel()
     if have < need:
         raise DataError(f"too few validation tokens: {', '.join(map(str, files))} hold {have}, but --val_tokens={cfg.val_tokens} "
-                        f"needs {need}; lower --val_tokens (a multiple of --val_batch_tokens={cfg.val_batch_tokens}) "
+                        f"needs {need}; lower --val_tokens (a multiple of --val_seq_tokens={cfg.val_seq_tokens}) "
                         "or add validation shards")
     tokens = torch.cat(shards)[:need]
-    per_rank = cfg.val_batch_tokens // world
+    length = cfg.val_seq_tokens
     batches = []
-    for offset in range(0, cfg.val_tokens, cfg.val_batch_tokens):
-        buf = tokens[offset + rank * per_rank:][:per_rank + 1].clone()
+    for offset in range(rank * length, cfg.val_tokens, world * length):
+        buf = tokens[offset:offset + length + 1].clone()
         starts = np.flatnonzero(buf[:-1].numpy() == cfg.bos_id).tolist()
         starts = starts if starts[:1] == [0] else [0] + starts
         inputs, targets = to_device(buf, device)
-        batches.append((inputs, targets, cu_seqlens_from_starts(starts, per_rank, device), per_rank))
+        batches.append((inputs, targets, cu_seqlens_from_starts(starts, length, device), length))
     return batches
 
 
@@ -992,31 +992,32 @@ def set_schedules(cfg: Config, optimizers, step: int):
 
 class LossCheck:
     """Stops the run on a NaN or infinite training loss. On CUDA each step's loss is read one step late,
-    so the GPU never idles waiting for the host."""
+    so the GPU never idles waiting for the host; elsewhere at once."""
 
     def __init__(self, device):
         self.device, self.pending = device, None
 
-    def push(self, step: int, loss: Tensor):
+    def push(self, where: str, loss: Tensor):
         self.check()
         if self.device.type == "cuda":
             host = torch.empty((), dtype=loss.dtype, pin_memory=True)
             host.copy_(loss.detach(), non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            self.pending = (step, host, event)
+            self.pending = (where, host, event)
         else:
-            self.pending = (step, loss.detach(), None)
+            self.pending = (where, loss.detach(), None)
+            self.check()
 
     def check(self):
         if self.pending is None:
             return
-        step, loss, event = self.pending
+        where, loss, event = self.pending
         self.pending = None
         if event is not None:
             event.synchronize()
         if not math.isfinite(loss.item()):
-            raise TrainingError(f"step {step}: training loss is {loss.item()}; stopping the run. "
+            raise TrainingError(f"{where}: training loss is {loss.item()}; stopping the run. "
                                 "Lower the learning rates or check the data of this step")
 
 
@@ -1040,14 +1041,16 @@ def train_step(cfg: Config, model, optimizers, batches: TrainBatches, grad_accum
 
 
 @torch.no_grad()
-def evaluate(model, batches: list, windows) -> float:
+def evaluate(model, batches: list, windows, device) -> float:
+    """Mean loss over all ranks' chunks (a rank may hold one chunk fewer than another)."""
     model.eval()
-    total = torch.zeros((), device=batches[0][0].device)
+    total = torch.zeros((), device=device)
     for inputs, targets, cu_seqlens, max_seqlen in batches:
         total += model(inputs, targets, cu_seqlens, max_seqlen, *windows)
     model.train()
-    dist.all_reduce(total, op=dist.ReduceOp.AVG)
-    loss = total.item() / len(batches)
+    sum_and_count = torch.stack([total, torch.tensor(float(len(batches)), device=device)])
+    dist.all_reduce(sum_and_count)
+    loss = (sum_and_count[0] / sum_and_count[1]).item()
     if not math.isfinite(loss):
         raise TrainingError(f"validation loss is {loss}; stopping the run")
     return loss
@@ -1076,7 +1079,7 @@ def setup_device(cfg: Config):
     return device, rank, world
 
 
-def train(cfg: Config, device, rank: int, world: int, log: "RunLog"):
+def train(cfg: Config, device, rank: int, world: int, log: "RunLog", started: float):
     grad_accum, micro_tokens = batch_split(cfg, world)
     train_files = list_shards(cfg.train_files, "train_files")
     val_data = val_batches(list_shards(cfg.val_files, "val_files"), cfg, rank, world, device)
@@ -1085,7 +1088,9 @@ def train(cfg: Config, device, rank: int, world: int, log: "RunLog"):
              f"{len(train_files)} training shards, {cfg.val_tokens} validation tokens")
 
     torch.manual_seed(cfg.seed)
-    raw_model = GPT(cfg, max(micro_tokens, cfg.val_batch_tokens // world), world).to(device)
+    raw_model = GPT(cfg, max(micro_tokens, cfg.val_seq_tokens), world).to(device)
+    if device.type == "cpu":
+        raw_model.float()  # most CPUs emulate bf16 arithmetic, several times slower than fp32
     for p in raw_model.parameters():
         dist.broadcast(p.detach(), 0)
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
@@ -1101,7 +1106,7 @@ def train(cfg: Config, device, rank: int, world: int, log: "RunLog"):
         sizes = sorted(set(cfg.window_schedule) | {cfg.window_extension})
         for step in range(cfg.warmup_steps):
             size = sizes[step % len(sizes)]
-            check.push(step, train_step(cfg, model, optimizers, batches, grad_accum, step, (size // 2, size)))
+            check.push(f"warm-up step {step + 1}", train_step(cfg, model, optimizers, batches, grad_accum, step, (size // 2, size)))
         check.check()
         raw_model.zero_grad(set_to_none=True)
         raw_model.load_state_dict(initial_state)
@@ -1115,6 +1120,7 @@ def train(cfg: Config, device, rank: int, world: int, log: "RunLog"):
     train_ms = 0.0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
+    log.startup(time.perf_counter() - started)
     t0 = time.perf_counter()
     for step in range(stop + 1):
         last = step == stop
@@ -1123,7 +1129,7 @@ def train(cfg: Config, device, rank: int, world: int, log: "RunLog"):
             sync()
             train_ms += 1000 * (time.perf_counter() - t0)
             val_windows = (windows[0], cfg.window_final_val) if last else windows
-            log.val(step, total_steps, evaluate(model, val_data, val_windows), train_ms)
+            log.val(step, total_steps, evaluate(model, val_data, val_windows, device), train_ms)
             sync()
             t0 = time.perf_counter()
         if last:
@@ -1132,10 +1138,13 @@ def train(cfg: Config, device, rank: int, world: int, log: "RunLog"):
         if new_long != windows[1]:
             raw_model.rotary.extend_window(windows[1], new_long)
             windows = (new_long // 2, new_long)
-        check.push(step, train_step(cfg, model, optimizers, batches, grad_accum, step, windows))
+        check.push(f"step {step + 1}", train_step(cfg, model, optimizers, batches, grad_accum, step, windows))
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
         log.line(f"step:{step + 1}/{total_steps} train_time:{elapsed:.0f}ms step_avg:{elapsed / (step + 1):.2f}ms")
     log.finish(stop, train_ms, peak_memory(device))
+    if cfg.checkpoint and rank == 0:
+        torch.save(raw_model.state_dict(), cfg.checkpoint)
+    dist.barrier()  # no rank tears the group down while another is still in a collective
 
 
 def peak_memory(device) -> tuple[int, int]:
@@ -1147,19 +1156,20 @@ def peak_memory(device) -> tuple[int, int]:
 
 
 def main(argv=None) -> int:
+    started = time.perf_counter()
     log = None
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
         device, rank, world = setup_device(cfg)
         log = RunLog(cfg, rank, world, device)
-        train(cfg, device, rank, world, log)
+        train(cfg, device, rank, world, log, started)
         return 0
-    except UserError as e:
-        if int(os.environ.get("RANK", 0)) == 0:
+    except (UserError, TrainingError) as e:
+        if isinstance(e, TrainingError) or int(os.environ.get("RANK", 0)) == 0:  # input errors are the same on every rank
             print(f"error: {e}", file=sys.stderr, flush=True)
         if log is not None:
             log.fail(f"error: {e}")
-        return 2
+        return 2 if isinstance(e, UserError) else 1
     except BaseException:
         if log is not None:
             log.fail(traceback.format_exc())
@@ -1204,7 +1214,7 @@ class RunLog:
         self.record = {"format": "train_gpt-record/1", "run_id": run_id, "status": "running",
                        "started_utc": started.strftime("%Y-%m-%dT%H:%M:%SZ"), "log_file": self.txt_path.name,
                        "config": dataclasses.asdict(cfg), "env": env, "num_steps": cfg.num_iterations, "steps_done": 0,
-                       "val": [], "final_val_loss": None, "train_time_ms": None, "step_avg_ms": None,
+                       "startup_s": None, "val": [], "final_val_loss": None, "train_time_ms": None, "step_avg_ms": None,
                        "peak_memory_allocated_mib": None, "peak_memory_reserved_mib": None, "error": None}
         self.file = open(self.txt_path, "w")
         print(f"record: {self.txt_path}", flush=True)
@@ -1222,6 +1232,11 @@ class RunLog:
             print(text, flush=True)
         self.file.write(text + "\n")
         self.file.flush()
+
+    def startup(self, seconds: float):
+        self.line(f"ready to train {seconds:.1f}s after start (data, model, warm-up and compilation)")
+        if self.enabled:
+            self.record["startup_s"] = seconds
 
     def val(self, step: int, total_steps: int, loss: float, train_ms: float):
         self.line(f"step:{step}/{total_steps} val_loss:{loss:.4f} train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")

@@ -1,0 +1,76 @@
+"""The CUDA paths against the CPU-checked ones: varlen attention, FP8 lm_head, the Triton kernels in bf16,
+and a compiled training step. Runs only where a CUDA GPU is visible."""
+import pytest
+import torch
+
+import train_gpt as tg
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def packed_documents(lengths, heads=6, dim=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lengths)
+    q, k, v = (torch.randn(T, heads, dim, generator=g) * 0.3 for _ in range(3))
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    return q, k, v, starts, T
+
+
+@pytest.mark.parametrize("window", [64, 384, 2048])
+def test_varlen_attention_matches_the_masked_cpu_path(window):
+    q, k, v, starts, T = packed_documents([700, 130, 1, 1500, 317])
+    cpu = tg.attention(q, k, v, tg.cu_seqlens_from_starts(starts, T, torch.device("cpu")), 2048, window)
+    cuda = torch.device("cuda")
+    cu = tg.cu_seqlens_from_starts(starts, T, cuda)
+    got = tg.attention(*(t.to(cuda, torch.bfloat16) for t in (q, k, v)), cu, 2048, window)
+    assert (got.float().cpu() - cpu).abs().max() < 3e-2
+
+
+def test_fp8_lm_head_matches_bf16_on_the_gpu():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = tg.norm(torch.randn(4096, 768, device="cuda", generator=g)).bfloat16().requires_grad_()
+    w = (torch.randn(50304, 768, device="cuda", generator=g) * 0.02).bfloat16().requires_grad_()
+    out = tg.fp8_mm(x, w, **tg.LM_HEAD_FP8_SCALES)[0]
+    reference = x.float() @ w.float().T
+    assert ((out.float() - reference).norm() / reference.norm()) < 0.08
+    grad = torch.randn_like(out) * 1e-2
+    out.backward(grad)
+    assert ((x.grad.float() - grad.float() @ w.float()).norm() / (grad.float() @ w.float()).norm()) < 0.15
+    assert ((w.grad.float() - grad.float().T @ x.float()).norm() / (grad.float().T @ x.float()).norm()) < 0.15
+
+
+@pytest.mark.parametrize("shape", [(4, 768, 768), (3, 768, 3072), (768, 3072)])
+def test_triton_symmetric_products_in_bf16(shape):
+    X = torch.randn(shape, device="cuda")
+    X = (X / X.norm(dim=(-2, -1), keepdim=True)).bfloat16()
+    A = tg.xxt(X, out=X.new_empty((*shape[:-1], shape[-2])))
+    reference = X.float() @ X.float().mT
+    assert torch.equal(A, A.mT)
+    assert (A.float() - reference).abs().max() < 1e-2 * reference.abs().max()
+    B = tg.ba_plus_caa(A, alpha=2.0, beta=-1.5, out=torch.empty_like(A))
+    reference_b = 2.0 * A.float() @ A.float() - 1.5 * A.float()
+    assert (B.float() - reference_b).abs().max() < 2e-2 * reference_b.abs().max()
+
+
+def test_polar_express_triton_path_matches_the_torch_path():
+    G = torch.randn(4, 768, 3072)
+    on_gpu = tg.polar_express(G.cuda()).float().cpu()
+    on_cpu = tg.polar_express(G).float()
+    assert ((on_gpu - on_cpu).norm() / on_cpu.norm()) < 2e-2
+
+
+def test_compiled_tiny_model_matches_eager_on_the_gpu():
+    cfg = tg.parse_config(["--preset=tiny"])
+    torch.manual_seed(0)
+    model = tg.GPT(cfg, 1024, 1).cuda()
+    with torch.no_grad():
+        model.lm_head.normal_(0, 0.02)  # a zero head would hide everything behind it
+    model.fp8_head = False
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, cfg.vocab_size - 1, (1025,), generator=g)
+    tokens[[0, 300, 700]] = cfg.bos_id
+    inputs, targets = tokens[:-1].int().cuda(), tokens[1:].long().cuda()
+    cu = tg.cu_seqlens_from_starts([0, 300, 700], 1024, torch.device("cuda"))
+    eager = model(inputs, targets, cu, 256, 3, 7)
+    compiled = torch.compile(model, dynamic=False, fullgraph=True)(inputs, targets, cu, 256, 3, 7)
+    assert abs(eager.item() - compiled.item()) < 1e-2 * abs(eager.item())
