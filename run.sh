@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The main job. With NVIDIA GPUs: the record (record43 unless --preset says otherwise) under torchrun on every GPU
+# of this node, downloading the FineWeb shards first when they are missing. Without a GPU: the tiny preset on
+# synthetic shards on the CPU. Extra arguments go to train_gpt.py, e.g. ./run.sh --preset=record42
+# Several nodes: set NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT on each, as for torchrun.
+set -euo pipefail
+cd "$(dirname "$0")"
+. ./env.sh
+
+if ! nvidia-smi -L >/dev/null 2>&1; then
+    echo "No NVIDIA GPU found: running the tiny preset on synthetic shards on the CPU (a few minutes)."
+    ensure_env torch numpy
+    # The tiny model's matrices are too small to gain from threads, and on small VMs idle threads cost ~10x.
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+    python data/synthetic.py --vocab_size 1024 --out data/synthetic
+    exec python train_gpt.py --preset=tiny "$@"
+fi
+
+ensure_env torch numpy
+command -v torchrun >/dev/null || fail "torchrun not found in .venv; reinstall torch (pip install torch)"
+data="${DATA_PATH:-.}/data/fineweb10B"
+train_shards=9  # enough for a record run
+if [ ! -f "$data/fineweb_val_000000.bin" ] || [ ! -f "$data/fineweb_train_$(printf %06d $train_shards).bin" ]; then
+    ensure_env huggingface_hub
+    python data/cached_fineweb10B.py "$train_shards" --dir "$data" || fail "the FineWeb shards could not be had (see above)"
+fi
+gpus=$(nvidia-smi -L | wc -l)
+if [ "${NNODES:-1}" -gt 1 ]; then
+    launch=(--nnodes="$NNODES" --node_rank="${NODE_RANK:?set NODE_RANK}" --master_addr="${MASTER_ADDR:?set MASTER_ADDR}"
+            --master_port="${MASTER_PORT:-29500}")
+else
+    launch=(--standalone)
+fi
+exec torchrun "${launch[@]}" --nproc_per_node="$gpus" train_gpt.py \
+    --train_files="$data/fineweb_train_*.bin" --val_files="$data/fineweb_val_*.bin" "$@"
