@@ -16,6 +16,7 @@ import math
 import os
 import platform
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -1155,9 +1156,14 @@ def peak_memory(device) -> tuple[int, int]:
     return rss, rss
 
 
+def stop_on_sigterm(signum, frame):
+    raise TrainingError("terminated by SIGTERM (torchrun stops every rank when one fails: see the output of the failing rank)")
+
+
 def main(argv=None) -> int:
     started = time.perf_counter()
     log = None
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
         device, rank, world = setup_device(cfg)

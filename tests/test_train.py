@@ -153,6 +153,18 @@ def test_training_batches_are_bos_aligned_cut_and_exactly_budgeted(tmp_path):
         assert max(np.diff(real + [40])) <= 16
 
 
+def test_record_documents_are_cut_at_2048_tokens(tmp_path):
+    docs = [document(0, 3000), document(1, 100), document(2, 5000)]
+    write_shard(tmp_path / "train_000001.bin", np.concatenate(docs * 3))
+    cfg = tg.parse_config(["--vocab_size=1024"])  # record43 with this vocabulary: 2048-token cut
+    batches = tg.TrainBatches([tmp_path / "train_000001.bin"], cfg, 4096, 0, 1, torch.device("cpu"))
+    inputs, _, cu_seqlens, max_seqlen = batches.next()
+    assert max_seqlen == 2048
+    assert inputs.tolist() == docs[0][:2048] + docs[1] + docs[2][:4096 - 2148]
+    assert cu_seqlens.tolist()[:4] == [0, 2048, 2148, 4096] and len(cu_seqlens) == 128
+    assert batches.next()[0].tolist()[:2048] == docs[0][:2048]  # the rest of the 5000-token document was skipped
+
+
 def test_ranks_take_consecutive_sequences(tmp_path):
     docs = [document(i, 5 + i % 30) for i in range(300)]
     write_shard(tmp_path / "train_000001.bin", np.concatenate(docs))
@@ -290,6 +302,29 @@ def test_tiny_preset_trains_and_writes_its_record(shards, tmp_path):
     assert record["peak_memory_allocated_mib"] > 0
     state = torch.load(checkpoint)
     assert state["lm_head"].shape == (VOCAB, 64) and state["lm_head"].abs().sum() > 0
+
+    # records/compare.py reads both files of the run the same way
+    for path in (txt_path, txt_path.with_suffix(".json")):
+        summary = subprocess.run([sys.executable, str(ROOT / "records" / "compare.py"), "summary", str(path), "--json"],
+                                 capture_output=True, text=True, check=True)
+        (run,) = json.loads(summary.stdout)["runs"]
+        assert run["final_step"] == 40 and run["incomplete"] is None
+        assert abs(run["final_val_loss"] - losses[-1]) < 1e-4
+        assert abs(run["train_time_s"] - record["train_time_ms"] / 1000) < 1e-3
+
+
+def test_run_sh_without_a_gpu_runs_the_tiny_preset(tmp_path):
+    """The main job's CPU branch, cut short: it makes its synthetic shards and leaves a record."""
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    (tmp_path / "nvidia-smi").write_text("#!/bin/sh\nexit 9\n")  # whatever the machine has, no GPU answers
+    (tmp_path / "nvidia-smi").chmod(0o755)
+    result = subprocess.run([str(ROOT / "run.sh"), "--max_steps=3", f"--log_dir={tmp_path / 'logs'}"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("No NVIDIA GPU found: running the tiny preset")
+    record, text = record_of(tmp_path)
+    assert record["status"] == "finished" and record["config"]["preset"] == "tiny"
+    assert record["config"]["train_files"] == "data/synthetic/train_*.bin" and "step:3/320 val_loss:" in text
 
 
 def final_state(tmp_path, shards, name, nproc=1, *extra):
