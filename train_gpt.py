@@ -24,6 +24,7 @@ import threading
 import time
 import traceback
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -263,7 +264,6 @@ if triton is not None:
         i = tl.where((i + 1) * (i + 2) // 2 <= pid, i + 1, i)
         return i, pid - i * (i + 1) // 2
 
-
     @triton.jit
     def _sym_product_kernel(
         left_ptr, right_ptr, out_ptr, m, k_size,
@@ -303,15 +303,12 @@ if triton is not None:
         tl.store(out_ptr + rows[:, None] * stride_or + cols[None, :] * stride_oc, result, mask=keep)
         tl.store(out_ptr + cols[None, :] * stride_or + rows[:, None] * stride_oc, result, mask=keep)
 
-
     def _check_block(name, value):
         if value < 16 or value & (value - 1):
             raise ValueError(f"{name}={value}: tl.dot needs a power of two of at least 16; pass e.g. {name}=64")
 
-
     def _batched(t):
         return t if t.dim() == 3 else t.unsqueeze(0)
-
 
     def _launch(left, right, out, alpha, beta, add_left, block, block_k):
         """out = alpha * left @ right (+ beta * left), where the caller guarantees the product is symmetric."""
@@ -328,7 +325,6 @@ if triton is not None:
             ADD_LEFT=add_left, BLOCK=block, BLOCK_K=block_k, num_warps=8, num_stages=3,
         )
 
-
     def _check_out(out, expected_shape, source, source_name):
         if out.shape != expected_shape or out.dtype != source.dtype:
             raise ValueError(f"out is {tuple(out.shape)} {out.dtype}, expected {tuple(expected_shape)} {source.dtype}; "
@@ -336,7 +332,6 @@ if triton is not None:
         if out.data_ptr() == source.data_ptr():
             raise ValueError(f"out is the same memory as {source_name}: tiles read {source_name} while others are "
                              "written, so the product cannot be done in place; pass a separate out tensor")
-
 
     def xxt(X, out, *, block=128, block_k=64):
         """out = X @ X^T for X of shape (B, m, n) or (m, n) with m <= n, accumulated in fp32, stored in X's dtype.
@@ -353,7 +348,6 @@ if triton is not None:
         _check_out(out, (*X.shape[:-2], m, m), X, "X")
         _launch(X, X.mT, out, 1.0, 0.0, False, block, block_k)
         return out
-
 
     def ba_plus_caa(A, alpha, beta, out, *, block=128, block_k=64):
         """out = alpha * A @ A + beta * A for A of shape (B, m, m) or (m, m), accumulated in fp32, stored in A's dtype.
@@ -434,6 +428,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: i
 
 # -----------------------------------------------------------------------------
 # Optimizers: NorMuon with cautious weight decay for matrices, sharded Adam for the rest
+
+
+# Their *_single successors are missing from torch 2.11, which GPU images ship.
+warnings.filterwarnings("ignore", message=r"`torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated")
 
 
 def reduce_scatter_mean(full: Tensor):
