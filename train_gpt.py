@@ -418,6 +418,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: i
     The caller folds the softmax scale into q."""
     if q.is_cuda:
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=1.0, window_size=(window, 0))
+    assert int(cu_seqlens.diff().max()) <= max_seqlen, "max_seqlen is below the longest document (CUDA would skip rows)"
     pos = torch.arange(q.size(0), device=q.device)
     doc = torch.searchsorted(cu_seqlens[1:].to(pos.dtype), pos, right=True)
     offset = pos[:, None] - pos[None, :]
@@ -508,8 +509,7 @@ class NorMuon(torch.optim.Optimizer):
 
         def finish():
             wait_gather()
-            for p, new in zip(params, gathered):
-                p.copy_(new)
+            torch._foreach_copy_(params, list(gathered.unbind(0)[:len(params)]))
         return finish
 
     def _update(self, group, mine: list, W: Tensor, G: Tensor):
@@ -522,6 +522,8 @@ class NorMuon(torch.optim.Optimizer):
             state["momentum_buffer"] = torch.zeros(W.shape, dtype=torch.float32, device=W.device)
             moment_shape = (W.size(0) * blocks, 1, cols // blocks) if per_column else (W.size(0) * blocks, rows, 1)
             state["second_moment"] = torch.zeros(moment_shape, dtype=torch.float32, device=W.device)
+            # built once: a tensor from a Python list on the GPU makes the host wait for the queue
+            state["lr_mul"] = torch.tensor([getattr(p, "lr_mul", 1.0) for p in mine], device=W.device).view(-1, 1, 1)
         m, beta2, lr = group["momentum"], group["beta2"], group["lr"]
         G = G.float()
         buf = state["momentum_buffer"]
@@ -535,8 +537,7 @@ class NorMuon(torch.optim.Optimizer):
         O.mul_(norm_before / O.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
         O = merge_columns(O, blocks)
         block_rows, block_cols = rows, cols // blocks
-        lr_mul = torch.tensor([getattr(p, "lr_mul", 1.0) for p in mine], device=W.device).view(-1, 1, 1)
-        lr_eff = lr * max(1.0, block_rows / block_cols) ** 0.5 * lr_mul
+        lr_eff = lr * max(1.0, block_rows / block_cols) ** 0.5 * state["lr_mul"]
         wd_eff = lr * group["weight_decay"]
         Wf = W.float()
         step = O
@@ -670,7 +671,7 @@ class Attention(nn.Module):
         T, dim = x.shape
         w = self.qkvo.type_as(x)
         q, k, v = (x @ w[:, :3 * dim]).view(T, 3, self.num_heads, self.head_dim).unbind(1)
-        q, k = rotary(norm(q)) * rotary.attn_scale.type_as(x), rotary(norm(k))
+        q, k = (rotary(norm(q)).float() * rotary.attn_scale).type_as(x), rotary(norm(k))
         v = v_lambdas[0] * v + v_lambdas[1] * ve.view_as(v) if ve is not None else v_lambdas[0] * v
         y = attention(q, k, v, cu_seqlens, max_seqlen, window)
         y = y * torch.sigmoid(F.linear(x[:, :GATE_INPUTS], self.gate)).unsqueeze(-1)
@@ -937,14 +938,15 @@ def val_batches(files: list[Path], cfg: Config, rank: int, world: int, device) -
                         "or add validation shards")
     tokens = torch.cat(shards)[:need]
     length = cfg.val_seq_tokens
-    batches = []
+    chunks = []
     for offset in range(rank * length, cfg.val_tokens, world * length):
         buf = tokens[offset:offset + length + 1].clone()
         starts = np.flatnonzero(buf[:-1].numpy() == cfg.bos_id).tolist()
-        starts = starts if starts[:1] == [0] else [0] + starts
-        inputs, targets = to_device(buf, device)
-        batches.append((inputs, targets, cu_seqlens_from_starts(starts, length, device), length))
-    return batches
+        chunks.append((buf, starts if starts[:1] == [0] else [0] + starts))
+    # the attention kernel's grid follows max_seqlen: the longest document here, not the whole chunk
+    longest = max(int(np.diff(starts + [length]).max()) for _, starts in chunks) if chunks else length
+    max_seqlen = min(length, next_multiple(longest, 128))
+    return [(*to_device(buf, device), cu_seqlens_from_starts(starts, length, device), max_seqlen) for buf, starts in chunks]
 
 
 # -----------------------------------------------------------------------------
@@ -1123,7 +1125,7 @@ def train(cfg: Config, device, rank: int, world: int, log: "RunLog", started: fl
     t0 = time.perf_counter()
     for step in range(stop + 1):
         last = step == stop
-        if last or (cfg.val_loss_every and step % cfg.val_loss_every == 0):
+        if last or step == 0 or (cfg.val_loss_every and step % cfg.val_loss_every == 0):
             check.check()
             sync()
             train_ms += 1000 * (time.perf_counter() - t0)
