@@ -847,8 +847,8 @@ def to_device(buf: Tensor, device) -> tuple[Tensor, Tensor]:
 class DocumentStream:
     """The training shards' documents in order; the next shard is read and indexed on a background thread."""
 
-    def __init__(self, files: list[Path], vocab_size: int):
-        self.files, self.vocab_size, self.bos_id = files, vocab_size, vocab_size - 1
+    def __init__(self, files: list[Path], cfg: Config):
+        self.files, self.vocab_size, self.bos_id = files, cfg.vocab_size, cfg.bos_id
         self.next_file, self.tokens, self.starts, self.doc = 0, None, None, 0
         self._start_loading()
 
@@ -907,7 +907,7 @@ class TrainBatches:
         self.reset()
 
     def reset(self):
-        self.stream = DocumentStream(self.files, self.cfg.vocab_size)
+        self.stream = DocumentStream(self.files, self.cfg)
 
     def next(self):
         for r in range(self.world):
