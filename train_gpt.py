@@ -10,7 +10,9 @@ Sections follow a batch: configuration, kernels, optimizers, model, data loading
 import dataclasses
 import datetime
 import difflib
+import functools
 import glob
+import itertools
 import json
 import math
 import os
@@ -454,24 +456,16 @@ def all_gather_into(full: Tensor, local: Tensor):
     return dist.all_gather_into_tensor(full, local, async_op=True).wait
 
 
-def split_columns(M: Tensor, blocks: int) -> Tensor:
-    """(n, rows, cols) -> (n * blocks, rows, cols / blocks): equal column blocks as separate matrices."""
-    n, rows, cols = M.shape
-    return M.view(n, rows, blocks, cols // blocks).transpose(1, 2).reshape(n * blocks, rows, cols // blocks)
-
-
-def merge_columns(M: Tensor, blocks: int) -> Tensor:
-    nb, rows, cols = M.shape
-    return M.view(nb // blocks, blocks, rows, cols).transpose(1, 2).reshape(nb // blocks, rows, blocks * cols)
-
-
 class NorMuon(torch.optim.Optimizer):
-    """Momentum, Polar Express orthogonalisation, per-column (or per-row) second-moment normalisation, and
-    weight decay scaled by the scheduled lr, optionally masked to coordinates where update and weight agree in sign.
+    """Momentum, Polar Express orthogonalisation, per-column second-moment normalisation, and weight decay scaled by
+    the scheduled lr, optionally masked to coordinates where update and weight agree in sign.
 
-    Each param group holds matrices of one shape; its matrices are dealt out to ranks as whole matrices:
-    gradients are averaged by one reduce-scatter per group and updated weights shared by one all-gather.
-    A parameter may carry `lr_mul` and `column_blocks` (orthogonalise that many column blocks separately).
+    Each param group holds parameters of one shape, dealt out to ranks whole: gradients are averaged by one
+    reduce-scatter per group and updated weights shared by one all-gather. A parameter may carry `lr_mul` and
+    `matrices`: that many equal matrices stored back to back (param.view(matrices, rows, cols // matrices)), each
+    orthogonalised and normalised on its own. The second moment keeps one value per column of each matrix, so the
+    model stores its matrices with the features that the record normalises as columns: the input features of Q, K,
+    V, O, the gates and the MLP's output matrix, and the hidden units of the MLP's input matrix.
     """
 
     def __init__(self, param_groups, lr: float, weight_decay: float, weight_decay_mode: str, momentum: float, beta2: float):
@@ -500,10 +494,14 @@ class NorMuon(torch.optim.Optimizer):
         per_rank = local_grads.size(0)
         mine = params[dist.get_rank() * per_rank:][:per_rank]
         wait_grads()
-        if mine:
-            weights = torch.stack(mine)
-            self._update(group, mine, weights, local_grads[:len(mine)])
-            local_grads[:len(mine)] = weights  # the gradient buffer doubles as the all-gather's send buffer
+        done = 0
+        # a rank may hold parameters of both kinds (attention and MLP): each run of one kind is one batch
+        for _, run in itertools.groupby(mine, key=lambda p: getattr(p, "matrices", 1)):
+            run = list(run)
+            weights = torch.stack(run)
+            self._update(group, run, weights, local_grads[done:done + len(run)])
+            local_grads[done:done + len(run)] = weights  # the gradient buffer doubles as the all-gather's send buffer
+            done += len(run)
         gathered = local_grads.new_empty((per_rank * dist.get_world_size(), *local_grads.shape[1:]))
         wait_gather = all_gather_into(gathered, local_grads)
 
@@ -512,32 +510,29 @@ class NorMuon(torch.optim.Optimizer):
             torch._foreach_copy_(params, list(gathered.unbind(0)[:len(params)]))
         return finish
 
-    def _update(self, group, mine: list, W: Tensor, G: Tensor):
-        """One NorMuon step for this rank's matrices W (n, rows, cols) with mean gradients G, in place."""
-        blocks = getattr(mine[0], "column_blocks", 1)
-        rows, cols = mine[0].shape
-        per_column = rows < cols  # one second-moment value per column of the wider side, from the stored shape
-        state = self.state[mine[0]]
+    def _update(self, group, run: list, W: Tensor, G: Tensor):
+        """One NorMuon step for this rank's parameters W (n, rows, cols), all of one kind, with mean gradients G."""
+        matrices = getattr(run[0], "matrices", 1)
+        rows, cols = run[0].size(0), run[0].size(1) // matrices  # of each matrix
+        state = self.state[run[0]]
         if not state:
             state["momentum_buffer"] = torch.zeros(W.shape, dtype=torch.float32, device=W.device)
-            moment_shape = (W.size(0) * blocks, 1, cols // blocks) if per_column else (W.size(0) * blocks, rows, 1)
-            state["second_moment"] = torch.zeros(moment_shape, dtype=torch.float32, device=W.device)
+            state["second_moment"] = torch.zeros((len(run) * matrices, 1, cols), dtype=torch.float32, device=W.device)
             # built once: a tensor from a Python list on the GPU makes the host wait for the queue
-            state["lr_mul"] = torch.tensor([getattr(p, "lr_mul", 1.0) for p in mine], device=W.device).view(-1, 1, 1)
+            state["lr_mul"] = torch.tensor([getattr(p, "lr_mul", 1.0) for p in run], device=W.device).view(-1, 1, 1)
         m, beta2, lr = group["momentum"], group["beta2"], group["lr"]
         G = G.float()
         buf = state["momentum_buffer"]
         buf.lerp_(G, 1 - m)
         U = G.lerp_(buf, m)  # Nesterov: (1 - m) G + m buf
-        O = polar_express(split_columns(U, blocks)).float()
+        O = polar_express(U.view(-1, rows, cols)).float()
         v = state["second_moment"]
-        v.lerp_(O.square().mean(dim=-2 if per_column else -1, keepdim=True), 1 - beta2)
+        v.lerp_(O.square().mean(dim=-2, keepdim=True), 1 - beta2)
         norm_before = O.norm(dim=(-2, -1), keepdim=True)
         O.mul_(v.clamp_min(1e-10).rsqrt())
         O.mul_(norm_before / O.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
-        O = merge_columns(O, blocks)
-        block_rows, block_cols = rows, cols // blocks
-        lr_eff = lr * max(1.0, block_rows / block_cols) ** 0.5 * state["lr_mul"]
+        O = O.view(W.shape)
+        lr_eff = lr * max(1.0, rows / cols) ** 0.5 * state["lr_mul"]
         wd_eff = lr * group["weight_decay"]
         Wf = W.float()
         step = O
@@ -550,7 +545,7 @@ class NorMuon(torch.optim.Optimizer):
 
 class DistAdam(torch.optim.Optimizer):
     """Adam (bias-corrected, no weight decay) sharded along dim 0: each rank updates 1/world of every tensor.
-    A parameter may carry `lr_mul`. State has the parameter's dtype."""
+    W -= lr * lr_mul * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps). State has the parameter's dtype."""
 
     def __init__(self, params, lr: float, betas: tuple[float, float], eps: float):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
@@ -582,8 +577,9 @@ class DistAdam(torch.optim.Optimizer):
                 t = state["step"]
                 state["exp_avg"].lerp_(g, 1 - beta1)
                 state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
-                step_size = group["lr"] * getattr(p, "lr_mul", 1.0) / (1 - beta1 ** t)
+                # the record's form: eps is added to the raw sqrt(v), both bias corrections go into the step size
+                denom = state["exp_avg_sq"].sqrt().add_(group["eps"])
+                step_size = group["lr"] * getattr(p, "lr_mul", 1.0) * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
                 p_local.addcdiv_(state["exp_avg"], denom, value=-step_size)
                 gathers.append(all_gather_into(p, p_local))
         for wait in gathers:
@@ -660,22 +656,24 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
         bound = 3 ** 0.5 * 0.5 * dim ** -0.5
-        self.qkvo = nn.Parameter(torch.empty(dim, 4 * dim))  # [Wq | Wk | Wv | Wo], each dim x dim
+        # Wq, Wk, Wv, Wo back to back in memory, each (out, in) as F.linear takes it; stored dim x 4 dim like the
+        # MLP matrices, so NorMuon can batch them together
+        self.qkvo = nn.Parameter(torch.empty(dim, 4 * dim))
+        self.qkvo.matrices = 4
         with torch.no_grad():
-            self.qkvo[:, :3 * dim].uniform_(-bound, bound)
-            self.qkvo[:, 3 * dim:].zero_()
-        self.qkvo.column_blocks = 4
+            self.qkvo.view(4, dim, dim)[:3].uniform_(-bound, bound)
+            self.qkvo.view(4, dim, dim)[3].zero_()
         self.gate = nn.Parameter(torch.zeros(num_heads, GATE_INPUTS, dtype=torch.bfloat16))
 
     def forward(self, x, ve, v_lambdas, rotary: Rotary, cu_seqlens, max_seqlen: int, window: int):
         T, dim = x.shape
-        w = self.qkvo.type_as(x)
-        q, k, v = (x @ w[:, :3 * dim]).view(T, 3, self.num_heads, self.head_dim).unbind(1)
+        w = self.qkvo.type_as(x).view(4, dim, dim)
+        q, k, v = F.linear(x, w[:3].flatten(0, 1)).view(T, 3, self.num_heads, self.head_dim).unbind(1)
         q, k = (rotary(norm(q)).float() * rotary.attn_scale).type_as(x), rotary(norm(k))
         v = v_lambdas[0] * v + v_lambdas[1] * ve.view_as(v) if ve is not None else v_lambdas[0] * v
         y = attention(q, k, v, cu_seqlens, max_seqlen, window)
         y = y * torch.sigmoid(F.linear(x[:, :GATE_INPUTS], self.gate)).unsqueeze(-1)
-        return y.reshape(T, dim) @ w[:, 3 * dim:].T
+        return F.linear(y.reshape(T, dim), w[3])
 
 
 class MLP(nn.Module):
@@ -755,10 +753,16 @@ def make_optimizers(cfg: Config, model: GPT) -> tuple[NorMuon, DistAdam]:
     for block in blocks:
         block.mlp.fc.lr_mul = cfg.mlp_in_lr_mul
     attn = [b.attn for b in blocks if b.attn is not None]
-    # small gates first, so their communication finishes while the big groups are still on the way
-    matrix_groups = [[model.smear_gate], [a.gate for a in attn], [a.qkvo for a in attn],
-                     [p for b in blocks for p in (b.mlp.fc, b.mlp.proj)]]
-    normuon = NorMuon([dict(params=g) for g in matrix_groups], lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
+    # The 32 big matrices (10 attention, 22 MLP, all dim x 4 dim) fill the fewest slots, ceil(32 / world) per rank,
+    # in two groups so that the second group's reduce-scatter overlaps the first group's update. On 8 ranks that is
+    # the record's [10 attention + 6 MLP], [16 MLP]: no rank mixes the two kinds. Small gates go first, so their
+    # communication finishes while the big groups are still on the way.
+    big = [a.qkvo for a in attn] + [p for b in blocks for p in (b.mlp.fc, b.mlp.proj)]
+    world = dist.get_world_size()
+    slots_per_rank = math.ceil(len(big) / world)
+    first_size = math.ceil(slots_per_rank / 2) * world
+    matrix_groups = [[model.smear_gate], [a.gate for a in attn], big[:first_size], big[first_size:]]
+    normuon = NorMuon([dict(params=g) for g in matrix_groups if g], lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
                       weight_decay_mode=cfg.weight_decay_mode, momentum=cfg.muon_momentum, beta2=cfg.muon_beta2)
     for p in [model.embed.weight, *(e.weight for e in model.value_embeds)]:
         p.lr_mul = cfg.embed_lr_mul
