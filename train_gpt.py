@@ -849,11 +849,14 @@ def to_device(buf: Tensor, device) -> tuple[Tensor, Tensor]:
 
 
 class DocumentStream:
-    """The training shards' documents in order; the next shard is read and indexed on a background thread."""
+    """The training shards' documents in order, packed into whole global batches. A shard that cannot fill the next
+    global batch is left (that partial batch is dropped) and packing restarts at the next shard's first BOS, as in the
+    8-GPU record run; since this is decided per global batch, every world size sees the same batches.
+    The next shard is read and indexed on a background thread."""
 
     def __init__(self, files: list[Path], cfg: Config):
-        self.files, self.vocab_size, self.bos_id = files, cfg.vocab_size, cfg.bos_id
-        self.next_file, self.tokens, self.starts, self.doc = 0, None, None, 0
+        self.files, self.cfg = files, cfg
+        self.next_file, self.tokens, self.doc = 0, None, 0
         self._start_loading()
 
     def _start_loading(self):
@@ -865,65 +868,81 @@ class DocumentStream:
 
     def _load(self, path):
         try:
-            tokens = load_shard(path, self.vocab_size)
-            starts = np.flatnonzero(tokens.numpy() == self.bos_id)
+            tokens = load_shard(path, self.cfg.vocab_size)
+            starts = np.flatnonzero(tokens.numpy() == self.cfg.bos_id)
             if starts.size == 0:
-                raise DataError(f"{path}: no BOS token ({self.bos_id}) in the shard, so it has no documents to train on; "
-                                "check --vocab_size (BOS is its last token) or regenerate the shard")
-            self._loaded["shard"] = (tokens, np.append(starts, tokens.numel()))
+                raise DataError(f"{path}: no BOS token ({self.cfg.bos_id}) in the shard, so it has no documents to train "
+                                "on; check --vocab_size (BOS is its last token) or regenerate the shard")
+            lengths = np.minimum(np.diff(np.append(starts, tokens.numel())), self.cfg.max_doc_tokens)
+            # packed[i]: tokens that the documents before document i contribute, each cut to max_doc_tokens
+            self._loaded["shard"] = (tokens, starts, np.concatenate([[0], np.cumsum(lengths)]))
         except BaseException as e:
             self._loaded["error"] = e
 
     def _next_shard(self):
         if self.next_file >= len(self.files):
-            raise DataError(f"the {len(self.files)} training shards ran out; download more "
-                            "(`python data/cached_fineweb10B.py 18`) or add shards to --train_files")
+            raise DataError(f"the {len(self.files)} training shards ran out (a global batch never spans two shards); "
+                            "download more (`python data/cached_fineweb10B.py 18`) or add shards to --train_files")
         self._thread.join()
         if "error" in self._loaded:
             raise self._loaded["error"]
-        self.tokens, self.starts = self._loaded["shard"]
+        self.tokens, self.starts, self.packed = self._loaded["shard"]
         self.doc = 0
         self.next_file += 1
         self._start_loading()
 
-    def take(self, budget: int, max_doc_tokens: int, keep: bool) -> list[Tensor]:
-        """The next `budget` tokens: whole documents from their BOS, each cut to max_doc_tokens (the rest of a
-        longer document is skipped), the last one cut to fill the budget exactly. Without `keep` only the
-        position advances and nothing is returned."""
-        pieces = []
-        while budget > 0:
-            if self.tokens is None or self.doc + 1 >= len(self.starts):
-                self._next_shard()
-            start, end = int(self.starts[self.doc]), int(self.starts[self.doc + 1])
-            n = min(end - start, max_doc_tokens, budget)
-            if keep:
-                pieces.append(self.tokens[start:start + n])
-            budget -= n
-            self.doc += 1
-        return pieces
+    def next_batch(self, num_sequences: int, sequence_tokens: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(document starts, piece lengths) of each of the next num_sequences sequences of sequence_tokens tokens:
+        whole documents from their BOS, each cut to max_doc_tokens (the rest of a longer one is skipped), the last
+        one cut to fill the sequence exactly."""
+        while True:
+            if self.tokens is not None:
+                batch = self._pack(num_sequences, sequence_tokens)
+                if batch is not None:
+                    return batch
+            self._next_shard()
+
+    def _pack(self, num_sequences: int, sequence_tokens: int):
+        """The next batch from the current shard, or None (position unchanged) if the shard cannot fill it."""
+        packed, doc, batch = self.packed, self.doc, []
+        for _ in range(num_sequences):
+            end = int(np.searchsorted(packed, packed[doc] + sequence_tokens))  # documents doc..end-1 fill it
+            if end >= len(packed):
+                return None
+            lengths = np.diff(packed[doc:end + 1])
+            lengths[-1] = sequence_tokens - (packed[end - 1] - packed[doc])
+            batch.append((self.starts[doc:end], lengths))
+            doc = end
+        self.doc = doc
+        return batch
+
+    def tokens_of(self, starts: np.ndarray, lengths: np.ndarray, out: Tensor):
+        torch.cat([self.tokens[s:s + n] for s, n in zip(starts.tolist(), lengths.tolist())], out=out)
 
 
 class TrainBatches:
-    """Per micro-step, the ranks take consecutive packed sequences of documents; this rank keeps its own."""
+    """Per optimizer step one global batch of world x grad_accum packed sequences: micro-step i takes sequences
+    i * world .. i * world + world - 1, one per rank in rank order; this rank keeps its own."""
 
-    def __init__(self, files: list[Path], cfg: Config, micro_tokens: int, rank: int, world: int, device):
-        self.files, self.cfg, self.micro_tokens, self.rank, self.world, self.device = files, cfg, micro_tokens, rank, world, device
+    def __init__(self, files: list[Path], cfg: Config, rank: int, world: int, device):
+        self.files, self.cfg, self.rank, self.world, self.device = files, cfg, rank, world, device
+        self.grad_accum, self.micro_tokens = batch_split(cfg, world)
         self.reset()
 
     def reset(self):
         self.stream = DocumentStream(self.files, self.cfg)
+        self.mine = []
 
     def next(self):
-        for r in range(self.world):
-            pieces = self.stream.take(self.micro_tokens + 1, self.cfg.max_doc_tokens, keep=r == self.rank)
-            if r == self.rank:
-                mine = pieces
+        if not self.mine:
+            self.mine = self.stream.next_batch(self.world * self.grad_accum, self.micro_tokens + 1)[self.rank::self.world]
+        starts, lengths = self.mine.pop(0)
         buf = torch.empty(self.micro_tokens + 1, dtype=torch.uint16, pin_memory=self.device.type == "cuda")
-        torch.cat(mine, out=buf)
-        starts = np.cumsum([0] + [len(p) for p in mine[:-1]])
-        starts = [int(s) for s in starts if s < self.micro_tokens]
+        self.stream.tokens_of(starts, lengths, buf)
+        doc_starts = np.cumsum(lengths) - lengths
         inputs, targets = to_device(buf, self.device)
-        return inputs, targets, cu_seqlens_from_starts(starts, self.micro_tokens, self.device), self.cfg.max_doc_tokens
+        cu_seqlens = cu_seqlens_from_starts(doc_starts[doc_starts < self.micro_tokens].tolist(), self.micro_tokens, self.device)
+        return inputs, targets, cu_seqlens, self.cfg.max_doc_tokens
 
 
 def val_batches(files: list[Path], cfg: Config, rank: int, world: int, device) -> list[tuple]:
@@ -1088,7 +1107,7 @@ def train(cfg: Config, device, rank: int, world: int, log: "RunLog", started: fl
     grad_accum, micro_tokens = batch_split(cfg, world)
     train_files = list_shards(cfg.train_files, "train_files")
     val_data = val_batches(list_shards(cfg.val_files, "val_files"), cfg, rank, world, device)
-    batches = TrainBatches(train_files, cfg, micro_tokens, rank, world, device)
+    batches = TrainBatches(train_files, cfg, rank, world, device)
     log.line(f"world size {world}, {grad_accum} micro-steps of {micro_tokens} tokens per rank, "
              f"{len(train_files)} training shards, {cfg.val_tokens} validation tokens")
 

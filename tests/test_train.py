@@ -119,29 +119,45 @@ def loader_config(*extra):
                             "--train_batch_tokens=80", *extra])
 
 
-def packed_reference(docs, num_sequences, budget, max_doc):
-    """The packing rule written out plainly: whole documents cut to max_doc, the last cut to fill the budget."""
-    pieces = [d[:max_doc] for d in docs]
-    sequences, doc = [], 0
-    for _ in range(num_sequences):
-        seq = []
-        while len(seq) < budget:
-            seq += pieces[doc][:budget - len(seq)]
-            doc += 1
-        sequences.append(seq)
-    return sequences
+def packed_reference(shards, num_batches, sequences_per_batch, budget, max_doc):
+    """The packing rule written out plainly: whole documents cut to max_doc, the last cut to fill the budget; a global
+    batch that the shard cannot fill is dropped and packing goes on with the next shard's first document."""
+    batches, shard, doc = [], 0, 0
+    while len(batches) < num_batches:
+        pieces = [d[:max_doc] for d in shards[shard]]
+        batch, next_doc = [], doc
+        for _ in range(sequences_per_batch):
+            seq = []
+            while len(seq) < budget and next_doc < len(pieces):
+                seq += pieces[next_doc][:budget - len(seq)]
+                next_doc += 1
+            batch.append(seq)
+        if len(batch[-1]) == budget:
+            batches.append(batch)
+            doc = next_doc
+        else:
+            shard, doc = shard + 1, 0
+    return batches
+
+
+def global_batches(files, cfg, world, steps):
+    """Each step's input sequences in global order (micro-step, then rank), gathered from every rank's loader."""
+    loaders = [tg.TrainBatches(files, cfg, rank, world, torch.device("cpu")) for rank in range(world)]
+    return [[loader.next()[0].tolist() for _ in range(loaders[0].grad_accum) for loader in loaders]
+            for _ in range(steps)]
 
 
 def test_training_batches_are_bos_aligned_cut_and_exactly_budgeted(tmp_path):
     rng = np.random.default_rng(0)
     docs = [document(i, int(n)) for i, n in enumerate(rng.integers(2, 40, size=200))]  # many longer than 16
     write_shard(tmp_path / "train_000001.bin", np.concatenate(docs[:120]))
-    write_shard(tmp_path / "train_000002.bin", np.concatenate(docs[120:]))  # sequences run across the shard boundary
+    write_shard(tmp_path / "train_000002.bin", np.concatenate(docs[120:]))
     cfg = loader_config()
     files = tg.list_shards(str(tmp_path / "train_*.bin"), "train_files")
-    batches = tg.TrainBatches(files, cfg, 40, rank=0, world=1, device=torch.device("cpu"))
-    expected = packed_reference(docs, 20, 41, 16)
-    for seq in expected:
+    batches = tg.TrainBatches(files, cfg, rank=0, world=1, device=torch.device("cpu"))
+    assert (batches.grad_accum, batches.micro_tokens) == (2, 40)
+    expected = packed_reference([docs[:120], docs[120:]], 10, 2, 41, 16)
+    for seq in (seq for batch in expected for seq in batch):
         inputs, targets, cu_seqlens, max_seqlen = batches.next()
         assert inputs.dtype == torch.int32 and targets.dtype == torch.int64 and max_seqlen == 16
         assert inputs.tolist() == seq[:-1] and targets.tolist() == seq[1:]
@@ -153,11 +169,30 @@ def test_training_batches_are_bos_aligned_cut_and_exactly_budgeted(tmp_path):
         assert max(np.diff(real + [40])) <= 16
 
 
+def test_a_shard_that_cannot_fill_a_global_batch_is_left_at_every_world_size(tmp_path):
+    """As in the 8-GPU record: the partial batch at the end of shard 1 is dropped and the next batch starts at shard
+    2's first BOS, not at its first token; 1, 2 and 8 ranks see the same global batches."""
+    rng = np.random.default_rng(1)
+    first = [document(i, int(n)) for i, n in enumerate(rng.integers(2, 40, size=70))]
+    second = [document(100 + i, int(n)) for i, n in enumerate(rng.integers(2, 40, size=80))]
+    write_shard(tmp_path / "train_000001.bin", np.concatenate(first))
+    write_shard(tmp_path / "train_000002.bin", np.concatenate([[5, 6, 7]] + second))  # tokens before the first BOS
+    files = tg.list_shards(str(tmp_path / "train_*.bin"), "train_files")
+    cfg = loader_config("--train_batch_tokens=320")  # 8 sequences of 40 tokens per step
+    expected = packed_reference([first, second], 4, 8, 41, 16)
+    capped = sum(min(len(d), 16) for d in first)
+    assert capped // (8 * 41) == 2 and capped % (8 * 41) > 0  # shard 1 holds two batches and part of a third
+    assert expected[2][0][:16] == second[0][:16]
+    for world in (1, 2, 8):
+        assert global_batches(files, cfg, world, 4) == [[seq[:-1] for seq in batch] for batch in expected], world
+
+
 def test_record_documents_are_cut_at_2048_tokens(tmp_path):
     docs = [document(0, 3000), document(1, 100), document(2, 5000)]
     write_shard(tmp_path / "train_000001.bin", np.concatenate(docs * 3))
-    cfg = tg.parse_config(["--vocab_size=1024"])  # record43 with this vocabulary: 2048-token cut
-    batches = tg.TrainBatches([tmp_path / "train_000001.bin"], cfg, 4096, 0, 1, torch.device("cpu"))
+    # record43 with this vocabulary and one 4096-token sequence per step: the 2048-token cut
+    cfg = tg.parse_config(["--vocab_size=1024", "--train_batch_tokens=4096", "--micro_batch_tokens=4096"])
+    batches = tg.TrainBatches([tmp_path / "train_000001.bin"], cfg, 0, 1, torch.device("cpu"))
     inputs, _, cu_seqlens, max_seqlen = batches.next()
     assert max_seqlen == 2048
     assert inputs.tolist() == docs[0][:2048] + docs[1] + docs[2][:4096 - 2148]
@@ -171,10 +206,10 @@ def test_ranks_take_consecutive_sequences(tmp_path):
     files = tg.list_shards(str(tmp_path / "train_*.bin"), "train_files")
     cfg = loader_config()
     cpu = torch.device("cpu")
-    single = tg.TrainBatches(files, cfg, 40, rank=0, world=1, device=cpu)
+    single = tg.TrainBatches(files, cfg, rank=0, world=1, device=cpu)
     sequences = [single.next()[0].tolist() for _ in range(8)]
     for rank in range(2):
-        ranked = tg.TrainBatches(files, cfg, 40, rank=rank, world=2, device=cpu)
+        ranked = tg.TrainBatches(files, cfg, rank=rank, world=2, device=cpu)
         assert [ranked.next()[0].tolist() for _ in range(4)] == sequences[rank::2]
 
 
@@ -182,7 +217,7 @@ def test_loader_reset_starts_over_and_running_out_is_an_error(tmp_path):
     docs = [document(i, 20) for i in range(10)]
     write_shard(tmp_path / "train_000001.bin", np.concatenate(docs))
     files = tg.list_shards(str(tmp_path / "train_*.bin"), "train_files")
-    batches = tg.TrainBatches(files, loader_config(), 40, rank=0, world=1, device=torch.device("cpu"))
+    batches = tg.TrainBatches(files, loader_config(), rank=0, world=1, device=torch.device("cpu"))
     first = batches.next()[0].tolist()
     batches.reset()
     assert batches.next()[0].tolist() == first
@@ -216,7 +251,7 @@ def test_shard_contents_are_checked_on_load(tmp_path):
     with pytest.raises(tg.DataError, match=r"holds token 1027, outside --vocab_size=1024"):
         tg.load_shard(tmp_path / "big.bin", VOCAB)
     write_shard(tmp_path / "train_000001.bin", [1, 2, 3, 4])
-    batches = tg.TrainBatches([tmp_path / "train_000001.bin"], loader_config(), 40, 0, 1, torch.device("cpu"))
+    batches = tg.TrainBatches([tmp_path / "train_000001.bin"], loader_config(), 0, 1, torch.device("cpu"))
     with pytest.raises(tg.DataError, match=r"no BOS token \(1023\) in the shard"):
         batches.next()
 
