@@ -30,6 +30,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# As the record: fewer fragmented blocks in the CUDA allocator. Read when CUDA starts, so it is set before torch loads.
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -373,13 +375,39 @@ def _scale(s: float, like: Tensor) -> Tensor:
     return torch.full((), s, dtype=torch.float32, device=like.device)
 
 
-@torch.library.custom_op("train_gpt::fp8_mm", mutates_args=())
-def fp8_mm(x: Tensor, w: Tensor, x_s: float, w_s: float, grad_s: float) -> tuple[Tensor, Tensor, Tensor]:
+def compiled_on_cuda(fn):
+    """fn compiled when its first argument is on a GPU, where fusing the scaling and casts around a matmul pays;
+    run eagerly elsewhere. Custom ops are opaque to the model's compile, so their bodies are compiled here."""
+    compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+
+    @functools.wraps(fn)  # the eager fn stays reachable as __wrapped__
+    def run(*args):
+        return (compiled if args[0].is_cuda else fn)(*args)
+    return run
+
+
+@compiled_on_cuda
+def _fp8_forward(x: Tensor, w: Tensor, x_s: float, w_s: float):
     x_f8 = x.div(x_s).to(torch.float8_e4m3fn)
     w_f8 = w.div(w_s).to(torch.float8_e4m3fn)
     out = torch._scaled_mm(x_f8, w_f8.T, out_dtype=torch.bfloat16, scale_a=_scale(x_s, x), scale_b=_scale(w_s, x),
                            use_fast_accum=True)
     return out, x_f8, w_f8
+
+
+@compiled_on_cuda
+def _fp8_backward_body(g: Tensor, x_f8: Tensor, w_f8: Tensor, x_s: float, w_s: float, grad_s: float):
+    g_f8 = g.div(grad_s).to(torch.float8_e5m2)
+    grad_x = torch._scaled_mm(g_f8, w_f8.T.contiguous().T, out_dtype=torch.bfloat16,
+                              scale_a=_scale(grad_s, g), scale_b=_scale(w_s, g), use_fast_accum=False)
+    grad_w = torch._scaled_mm(x_f8.T.contiguous(), g_f8.T.contiguous().T, out_dtype=torch.float32,
+                              scale_a=_scale(x_s, g), scale_b=_scale(grad_s, g), use_fast_accum=False).T
+    return grad_x, grad_w
+
+
+@torch.library.custom_op("train_gpt::fp8_mm", mutates_args=())
+def fp8_mm(x: Tensor, w: Tensor, x_s: float, w_s: float, grad_s: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _fp8_forward(x, w, x_s, w_s)
 
 
 @fp8_mm.register_fake
@@ -389,12 +417,7 @@ def _(x, w, x_s, w_s, grad_s):
 
 @torch.library.custom_op("train_gpt::fp8_mm_backward", mutates_args=())
 def fp8_mm_backward(g: Tensor, x_f8: Tensor, w_f8: Tensor, x_s: float, w_s: float, grad_s: float) -> tuple[Tensor, Tensor]:
-    g_f8 = g.div(grad_s).to(torch.float8_e5m2)
-    grad_x = torch._scaled_mm(g_f8, w_f8.T.contiguous().T, out_dtype=torch.bfloat16,
-                              scale_a=_scale(grad_s, g), scale_b=_scale(w_s, g), use_fast_accum=False)
-    grad_w = torch._scaled_mm(x_f8.T.contiguous(), g_f8.T.contiguous().T, out_dtype=torch.float32,
-                              scale_a=_scale(x_s, g), scale_b=_scale(grad_s, g), use_fast_accum=False).T
-    return grad_x, grad_w
+    return _fp8_backward_body(g, x_f8, w_f8, x_s, w_s, grad_s)
 
 
 @fp8_mm_backward.register_fake
