@@ -7,6 +7,7 @@ validation loss, with NorMuon + Adam and cautious weight decay scheduled as lr x
 
 Sections follow a batch: configuration, kernels, optimizers, model, data loading, training loop, logging.
 """
+import contextlib
 import dataclasses
 import datetime
 import difflib
@@ -110,6 +111,10 @@ class Config:
     seed: int = _arg(0, "seed of the parameter initialisation")
     device: str = _arg("auto", "auto | cuda | cpu")
     compile: str = _arg("auto", "auto (on with CUDA) | on | off: torch.compile of the model")
+    compile_cache: str = _arg("auto", "where compiled kernels persist between runs, so a second start is fast: auto "
+                              "(.compile_cache/ beside this script) | off (compile from scratch) | a folder")
+    fp8_head: str = _arg("auto", "auto (on GPUs of compute capability 8.9+: H100, H200, B200, L40S, RTX 4090) | on | "
+                         "off: the lm_head's FP8 matmul in training; bf16 when off")
     log_dir: str = _arg("logs", "folder of the record files")
     checkpoint: str = _arg("", "where rank 0 saves the final model's state_dict (empty: not saved)")
 
@@ -132,7 +137,7 @@ PRESETS = {
                  momentum_warmup_steps=30, momentum_cooldown_steps=5, warmup_steps=4, val_loss_every=50),
 }
 CHOICES = {"preset": tuple(PRESETS), "device": ("auto", "cuda", "cpu"), "compile": ("auto", "on", "off"),
-           "weight_decay_mode": ("cautious", "decoupled", "none")}
+           "fp8_head": ("auto", "on", "off"), "weight_decay_mode": ("cautious", "decoupled", "none")}
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
@@ -1103,6 +1108,103 @@ def evaluate(model, batches: list, windows, device) -> float:
     return loss
 
 
+ATTENTION_MIN_CAPABILITY, FP8_MIN_CAPABILITY = (8, 0), (8, 9)
+# Dense bf16 tensor-core peaks (TFLOP/s) from the makers' data sheets, by a part of torch.cuda.get_device_name()
+PEAK_BF16_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("B200", 2250), ("A100", 312),
+                    ("L40S", 362), ("RTX 4090", 165)]
+
+
+def gpu_name_and_capability(device) -> tuple[str, tuple[int, int]]:
+    return torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+
+
+def check_gpu(cfg: Config, device):
+    """Refuse a GPU the attention kernels cannot run on, and --fp8_head=on where there is no FP8."""
+    if device.type != "cuda":
+        if cfg.fp8_head == "on":
+            raise ConfigError("--fp8_head=on needs a CUDA GPU of compute capability 8.9 or newer and this run is on the "
+                              "CPU; leave --fp8_head=auto")
+        return
+    name, capability = gpu_name_and_capability(device)
+    version = f"{name} (compute capability {capability[0]}.{capability[1]})"
+    if capability < ATTENTION_MIN_CAPABILITY:
+        raise ConfigError(f"{version} cannot run the varlen attention kernels, which need compute capability 8.0 or "
+                          "newer (A100, RTX 30xx, H100 and later); use such a GPU or --device=cpu")
+    if cfg.fp8_head == "on" and capability < FP8_MIN_CAPABILITY:
+        raise ConfigError(f"--fp8_head=on: {version} has no FP8 matmuls, which need compute capability 8.9 or newer; "
+                          "use --fp8_head=auto or --fp8_head=off (the lm_head then runs in bf16)")
+
+
+def fp8_head_enabled(cfg: Config, device) -> bool:
+    """Whether the lm_head trains in FP8; check_gpu has refused an impossible --fp8_head=on."""
+    if device.type != "cuda" or cfg.fp8_head == "off":
+        return False
+    return cfg.fp8_head == "on" or gpu_name_and_capability(device)[1] >= FP8_MIN_CAPABILITY
+
+
+def peak_bf16_flops(device) -> float | None:
+    """The GPU's dense bf16 peak in FLOP/s, where the table knows it."""
+    if device.type != "cuda":
+        return None
+    name = gpu_name_and_capability(device)[0]
+    return next((tflops * 1e12 for part, tflops in PEAK_BF16_TFLOPS if part in name), None)
+
+
+def training_flops_per_token(cfg: Config, short_window: int, long_window: int) -> int:
+    """Forward and backward FLOPs per training token: 6 per weight of every matmul (block matrices, gates, lm_head)
+    and 12 x model_dim per key each query attends to (the layer's window in tokens, at most a whole document)."""
+    dim, vocab = cfg.model_dim, next_multiple(cfg.vocab_size, 128)
+    weights = (len(ATTENTION_LAYERS) * (4 * dim * dim + cfg.num_heads * GATE_INPUTS)
+               + len(MLP_LAYERS) * 2 * dim * 4 * dim + dim * vocab + GATE_INPUTS)
+    keys = sum(min(cfg.max_doc_tokens, (long_window if i in LONG_WINDOW_LAYERS else short_window) * cfg.window_block)
+               for i in ATTENTION_LAYERS)
+    return 6 * weights + 12 * dim * keys
+
+
+def persist_compiled_kernels(cfg: Config):
+    """Point inductor's and Triton's caches at one lasting folder, so the next run of the same configuration
+    loads its kernels instead of compiling them; or switch the caches off."""
+    if cfg.compile_cache == "off":
+        import torch._inductor.config  # loaded only where something compiles
+        torch._inductor.config.force_disable_caches = True
+        return
+    folder = Path(__file__).resolve().parent / ".compile_cache" if cfg.compile_cache == "auto" else Path(cfg.compile_cache)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--compile_cache={cfg.compile_cache}: cannot create {folder} ({e.strerror}); "
+                          "point it at a writable folder or use --compile_cache=off")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(folder / "triton")
+
+
+def smaller_micro_batch(cfg: Config, world: int) -> int | None:
+    """The largest --micro_batch_tokens below the current one that still splits the global batch evenly."""
+    tokens = batch_split(cfg, world)[1] // 2
+    while tokens >= 128:
+        try:
+            batch_split(dataclasses.replace(cfg, micro_batch_tokens=tokens), world)
+            return tokens
+        except ConfigError:
+            tokens //= 2
+    return None
+
+
+@contextlib.contextmanager
+def explain_out_of_memory(cfg: Config, world: int, training: bool):
+    """Turn a CUDA out-of-memory error into the flag to change and a value that needs less memory."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        if training:
+            smaller = smaller_micro_batch(cfg, world)
+            fix = (f"use --micro_batch_tokens={smaller} (the global batch of {cfg.train_batch_tokens} tokens stays, "
+                   "in more micro-steps)" if smaller else "use a GPU with more memory or more GPUs")
+            raise UserError(f"out of GPU memory in a training step with --micro_batch_tokens={cfg.micro_batch_tokens}; {fix}") from None
+        raise UserError(f"out of GPU memory in validation with --val_seq_tokens={cfg.val_seq_tokens}; "
+                        f"use --val_seq_tokens={cfg.val_seq_tokens // 2} (the validated tokens stay the same)") from None
+
+
 def setup_device(cfg: Config):
     """Pick the device and start the process group (a group of one without torchrun), before any heavy work."""
     rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
@@ -1118,6 +1220,7 @@ def setup_device(cfg: Config):
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    check_gpu(cfg, device)
     backend = "nccl" if kind == "cuda" else "gloo"
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend, device_id=device if kind == "cuda" else None)
@@ -1141,8 +1244,12 @@ def train(cfg: Config, device, rank: int, world: int, log: "RunLog", started: fl
     for p in raw_model.parameters():
         dist.broadcast(p.detach(), 0)
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-    raw_model.fp8_head = device.type == "cuda"
+    raw_model.fp8_head = fp8_head_enabled(cfg, device)
+    if use_compile:
+        persist_compiled_kernels(cfg)
     model = torch.compile(raw_model, dynamic=False, fullgraph=True) if use_compile else raw_model
+    log.line(f"lm_head {'FP8' if raw_model.fp8_head else 'bf16' if device.type == 'cuda' else 'fp32'}, attention "
+             f"{'varlen_attn' if device.type == 'cuda' else 'masked SDPA'}, torch.compile {'on' if use_compile else 'off'}")
     torch._dynamo.config.recompile_limit = 64  # one graph per window pair and mode
     initial_state = {k: v.clone() for k, v in raw_model.state_dict().items()}
     check = LossCheck(device)
@@ -1151,10 +1258,11 @@ def train(cfg: Config, device, rank: int, world: int, log: "RunLog", started: fl
     optimizers = make_optimizers(cfg, raw_model)
     if cfg.warmup_steps:
         sizes = sorted(set(cfg.window_schedule) | {cfg.window_extension})
-        for step in range(cfg.warmup_steps):
-            size = sizes[step % len(sizes)]
-            check.push(f"warm-up step {step + 1}", train_step(cfg, model, optimizers, batches, grad_accum, step, (size // 2, size)))
-        check.check()
+        with explain_out_of_memory(cfg, world, training=True):
+            for step in range(cfg.warmup_steps):
+                size = sizes[step % len(sizes)]
+                check.push(f"warm-up step {step + 1}", train_step(cfg, model, optimizers, batches, grad_accum, step, (size // 2, size)))
+            check.check()
         raw_model.zero_grad(set_to_none=True)
         raw_model.load_state_dict(initial_state)
         batches.reset()
@@ -1176,7 +1284,9 @@ def train(cfg: Config, device, rank: int, world: int, log: "RunLog", started: fl
             sync()
             train_ms += 1000 * (time.perf_counter() - t0)
             val_windows = (windows[0], cfg.window_final_val) if last else windows
-            log.val(step, total_steps, evaluate(model, val_data, val_windows, device), train_ms)
+            with explain_out_of_memory(cfg, world, training=False):
+                loss = evaluate(model, val_data, val_windows, device)
+            log.val(step, total_steps, loss, train_ms)
             sync()
             t0 = time.perf_counter()
         if last:
