@@ -103,6 +103,8 @@ class Config:
     momentum_warmup_steps: int = _arg(300, "steps of linear momentum warm-up")
     momentum_cooldown_steps: int = _arg(50, "final steps of linear momentum cool-down")
     muon_beta2: float = _arg(0.95, "NorMuon second-moment decay")
+    cautious_mask: str = _arg("ge", "where cautious decay applies: ge (update x weight >= 0, record 43) | gt (> 0: not "
+                                    "where the update is zero)")
     # run
     warmup_steps: int = _arg(30, "untimed steps that compile every graph, then all state is reset")
     val_loss_every: int = _arg(250, "steps between validations (0: only at the start and the end)")
@@ -132,7 +134,7 @@ PRESETS = {
                  momentum_warmup_steps=30, momentum_cooldown_steps=5, warmup_steps=4, val_loss_every=50),
 }
 CHOICES = {"preset": tuple(PRESETS), "device": ("auto", "cuda", "cpu"), "compile": ("auto", "on", "off"),
-           "weight_decay_mode": ("cautious", "decoupled", "none")}
+           "weight_decay_mode": ("cautious", "decoupled", "none"), "cautious_mask": ("ge", "gt")}
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
@@ -479,6 +481,16 @@ def all_gather_into(full: Tensor, local: Tensor):
     return dist.all_gather_into_tensor(full, local, async_op=True).wait
 
 
+def decay_term(update: Tensor, W: Tensor, wd, mode: str, mask: str) -> Tensor:
+    """What weight decay adds to an update before the lr scales it: wd * W (decoupled), or, cautious, wd * W only
+    where the update and W agree in sign, so that decay never pulls against the step: update * W >= 0 (mask ge,
+    record 43) or > 0 (gt, which also leaves alone the coordinates that the update does not move)."""
+    if mode == "decoupled":
+        return wd * W
+    product = update * W
+    return wd * (product > 0 if mask == "gt" else product >= 0) * W
+
+
 class NorMuon(torch.optim.Optimizer):
     """Momentum, Polar Express orthogonalisation, per-column second-moment normalisation, and weight decay scaled by
     the scheduled lr, optionally masked to coordinates where update and weight agree in sign.
@@ -491,9 +503,10 @@ class NorMuon(torch.optim.Optimizer):
     V, O, the gates and the MLP's output matrix, and the hidden units of the MLP's input matrix.
     """
 
-    def __init__(self, param_groups, lr: float, weight_decay: float, weight_decay_mode: str, momentum: float, beta2: float):
+    def __init__(self, param_groups, lr: float, weight_decay: float, weight_decay_mode: str, momentum: float, beta2: float,
+                 cautious_mask: str = "ge"):
         super().__init__(param_groups, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, beta2=beta2))
-        self.weight_decay_mode = weight_decay_mode
+        self.weight_decay_mode, self.cautious_mask = weight_decay_mode, cautious_mask
         for group in self.param_groups:
             first = group["params"][0]
             if any(p.shape != first.shape or p.dtype != first.dtype for p in group["params"]):
@@ -559,10 +572,8 @@ class NorMuon(torch.optim.Optimizer):
         wd_eff = lr * group["weight_decay"]
         Wf = W.float()
         step = O
-        if self.weight_decay_mode == "cautious":
-            step = O + wd_eff * (O * Wf >= 0) * Wf
-        elif self.weight_decay_mode == "decoupled":
-            step = O + wd_eff * Wf
+        if self.weight_decay_mode != "none":
+            step = O + decay_term(O, Wf, wd_eff, self.weight_decay_mode, self.cautious_mask)
         W.copy_(Wf - lr_eff * step)
 
 
@@ -786,7 +797,8 @@ def make_optimizers(cfg: Config, model: GPT) -> tuple[NorMuon, DistAdam]:
     first_size = math.ceil(slots_per_rank / 2) * world
     matrix_groups = [[model.smear_gate], [a.gate for a in attn], big[:first_size], big[first_size:]]
     normuon = NorMuon([dict(params=g) for g in matrix_groups if g], lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
-                      weight_decay_mode=cfg.weight_decay_mode, momentum=cfg.muon_momentum, beta2=cfg.muon_beta2)
+                      weight_decay_mode=cfg.weight_decay_mode, momentum=cfg.muon_momentum, beta2=cfg.muon_beta2,
+                      cautious_mask=cfg.cautious_mask)
     for p in [model.embed.weight, *(e.weight for e in model.value_embeds)]:
         p.lr_mul = cfg.embed_lr_mul
     model.scalars.lr_mul = cfg.scalar_lr_mul

@@ -1,6 +1,7 @@
 """The trainer's math against float64 references written here from the spec (RECORD43_SPEC.md, sections 3 and 4):
-Polar Express, NorMuon with its three weight-decay modes, sharded Adam, the FP8 lm_head, attention masking, rotary
-with YaRN, the schedules, and a full-graph torch.compile of the tiny model. Everything runs on the CPU."""
+Polar Express, NorMuon with its three weight-decay modes and two cautious masks, sharded Adam, the FP8 lm_head,
+attention masking, rotary with YaRN, the schedules, and a full-graph torch.compile of the tiny model. Everything runs
+on the CPU."""
 import math
 
 import pytest
@@ -148,9 +149,9 @@ def make_muon_params(seed: int) -> list[list[torch.nn.Parameter]]:
     return groups
 
 
-def make_normuon(groups, mode: str) -> train_gpt.NorMuon:
+def make_normuon(groups, mode: str, mask: str = "ge") -> train_gpt.NorMuon:
     return train_gpt.NorMuon([dict(params=g) for g in groups], lr=LR, weight_decay=WEIGHT_DECAY,
-                             weight_decay_mode=mode, momentum=0.95, beta2=BETA2)
+                             weight_decay_mode=mode, momentum=0.95, beta2=BETA2, cautious_mask=mask)
 
 
 def matrices_of(W: torch.Tensor, p) -> torch.Tensor:
@@ -254,14 +255,18 @@ def test_normuon_around_an_exact_polar_step_matches_reference(process_group, mon
         assert error < EXACT_POLAR_TOLERANCE[p.dtype], f"step {step}, {p.test_name}: update error {error:.3g}"
 
 
-def one_step(mode: str, lr: float = LR) -> list[tuple]:
+def one_step(mode: str, lr: float = LR, mask: str = "ge", zero_column: int | None = None) -> list[tuple]:
     """(parameter, weights before, weights after) of one NorMuon step from fresh state on fixed weights and
-    gradients, for the fp32 matrices: their arithmetic is float32 all the way, so modes compare exactly."""
+    gradients, for the fp32 matrices: their arithmetic is float32 all the way, so modes compare exactly.
+    `zero_column`: that column of every matrix gets no gradient."""
     groups = [g for g in make_muon_params(seed=2) if g[0].dtype == torch.float32]
     set_grads(groups, seed=3)
     params = [p for group in groups for p in group]
+    if zero_column is not None:
+        for p in params:
+            matrices_of(p.grad, p)[:, :, zero_column] = 0
     before = [p.detach().clone() for p in params]
-    opt = make_normuon(groups, mode)
+    opt = make_normuon(groups, mode, mask)
     for group in opt.param_groups:
         group["lr"] = lr
     opt.step()
@@ -282,6 +287,26 @@ def test_cautious_decay_applies_exactly_where_update_and_weight_agree(process_gr
         assert torch.equal(difference[~agree], torch.zeros_like(difference[~agree])), p.test_name
         expected = lr_eff * LR * WEIGHT_DECAY * w0
         torch.testing.assert_close(difference[agree], expected[agree], rtol=1e-4, atol=1e-7, msg=p.test_name)
+
+
+def test_normuon_gt_mask_spares_exactly_the_coordinates_the_update_leaves_at_zero(process_group):
+    """A column without gradient stays exactly zero through momentum, Polar Express and the normalisation: ge
+    decays it (update * W = 0), gt leaves it as it was; every other coordinate comes out the same bit for bit."""
+    for (p, w0, ge), (_, _, gt) in zip(one_step("cautious", zero_column=3), one_step("cautious", mask="gt", zero_column=3)):
+        column = torch.zeros_like(w0, dtype=torch.bool)
+        matrices_of(column, p)[:, :, 3] = True
+        assert torch.equal(ge != gt, column), p.test_name
+        assert torch.equal(gt[column], w0[column]), p.test_name
+        expected = w0 - lr_eff_of(p, LR) * LR * WEIGHT_DECAY * w0
+        torch.testing.assert_close(ge[column], expected[column], rtol=1e-6, atol=0, msg=p.test_name)
+
+
+def test_normuon_default_decay_is_record43s_expression_bit_for_bit(process_group, monkeypatch):
+    """Cautious with the ge mask, as record 43 writes it: O + wd_eff * (O * W >= 0) * W."""
+    default = one_step("cautious")
+    monkeypatch.setattr(train_gpt, "decay_term", lambda O, W, wd_eff, mode, mask: wd_eff * (O * W >= 0) * W)
+    for (p, _, ours), (_, _, record) in zip(default, one_step("cautious")):
+        assert torch.equal(ours, record), p.test_name
 
 
 def test_decoupled_decay_applies_everywhere(process_group):

@@ -74,6 +74,7 @@ def test_presets_and_overrides():
     (["--window_schedule=3;7"], "--window_schedule=3;7: expected comma-separated integers"),
     (["--preset=record44"], "--preset=record44: unknown preset"),
     (["--weight_decay_mode=adamw"], "--weight_decay_mode=adamw: choose one of cautious, decoupled, none"),
+    (["--cautious_mask=gte"], "--cautious_mask=gte: choose one of ge, gt"),
     (["max_steps=3"], "not of the form --name=value"),
     (["--model_dim=512"], "--model_dim=512 must equal num_heads * head_dim = 768"),
     (["--val_tokens=1000"], "--val_tokens=1000 is not a multiple of --val_seq_tokens=262144; use --val_tokens=262144"),
