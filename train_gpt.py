@@ -103,15 +103,21 @@ class Config:
     momentum_warmup_steps: int = _arg(300, "steps of linear momentum warm-up")
     momentum_cooldown_steps: int = _arg(50, "final steps of linear momentum cool-down")
     muon_beta2: float = _arg(0.95, "NorMuon second-moment decay")
-    cautious_mask: str = _arg("ge", "where cautious decay applies, in NorMuon and the Adam group: ge (update x weight >= 0, "
-                                    "record 43) | gt (> 0: not where the update is zero)")
-    adam_weight_decay: float = _arg(0.0, "weight decay of the Adam group, applied as lr(t) x this x the "
+    cautious_mask: str = _arg("ge", "where cautious decay applies, in NorMuon and the Adam group: "
+                                    "ge (update x weight >= 0, record 43) | gt (> 0: not where the update is zero)")
+    adam_group_optimizer: str = _arg("adam", "adam | lion: the optimizer of the embeddings, value embeddings, lm_head "
+                                             "and scalars (the Adam group)")
+    adam_weight_decay: float = _arg(0.0, "weight decay of the Adam group (Adam or Lion), applied as lr(t) x this x the "
                                          "parameter's wd_mul (0: none, as record 43)")
     adam_weight_decay_mode: str = _arg("cautious", "cautious (only where update and weight agree in sign) | decoupled")
     embed_wd_mul: float = _arg(150.0, "Adam-group weight-decay multiplier of the token embedding")
     value_embed_wd_mul: float = _arg(5.0, "Adam-group weight-decay multiplier of the value embeddings")
     lm_head_wd_mul: float = _arg(150.0, "Adam-group weight-decay multiplier of lm_head")
     scalar_wd_mul: float = _arg(0.0, "Adam-group weight-decay multiplier of the scalar vector")
+    lion_beta1: float = _arg(0.9, "Lion: the update is sign(beta1 m + (1 - beta1) g)")
+    lion_beta2: float = _arg(0.99, "Lion: the momentum is m = beta2 m + (1 - beta2) g")
+    lion_lr_scale: float = _arg(0.3, "Lion's lr is adam_lr x this, with Adam's per-parameter multipliers (the Lion "
+                                     "paper: 3 to 10 times smaller than AdamW's, as a sign step is larger)")
     # run
     warmup_steps: int = _arg(30, "untimed steps that compile every graph, then all state is reset")
     val_loss_every: int = _arg(250, "steps between validations (0: only at the start and the end)")
@@ -142,7 +148,7 @@ PRESETS = {
 }
 CHOICES = {"preset": tuple(PRESETS), "device": ("auto", "cuda", "cpu"), "compile": ("auto", "on", "off"),
            "weight_decay_mode": ("cautious", "decoupled", "none"), "cautious_mask": ("ge", "gt"),
-           "adam_weight_decay_mode": ("cautious", "decoupled")}
+           "adam_group_optimizer": ("adam", "lion"), "adam_weight_decay_mode": ("cautious", "decoupled")}
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
@@ -198,14 +204,14 @@ def check_config(cfg: Config):
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"--{name}={getattr(cfg, name)}: choose one of {', '.join(allowed)}")
     for name in ("val_tokens", "val_seq_tokens", "train_batch_tokens", "micro_batch_tokens", "max_doc_tokens",
-                 "model_dim", "num_heads", "head_dim", "num_scheduled_iterations", "window_block"):
+                 "model_dim", "num_heads", "head_dim", "num_scheduled_iterations", "window_block", "lion_lr_scale"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name}={getattr(cfg, name)}: must be positive")
     for name in ("num_extension_iterations", "warmup_steps", "val_loss_every", "max_steps", "weight_decay",
                  "adam_weight_decay", "embed_wd_mul", "value_embed_wd_mul", "lm_head_wd_mul", "scalar_wd_mul"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name}={getattr(cfg, name)}: must not be negative")
-    for name in ("adam_beta1", "adam_beta2"):
+    for name in ("adam_beta1", "adam_beta2", "lion_beta1", "lion_beta2"):
         if not 0 <= getattr(cfg, name) < 1:
             raise ConfigError(f"--{name}={getattr(cfg, name)}: must be in [0, 1) (default {FIELDS[name].default})")
     if cfg.val_tokens % cfg.val_seq_tokens:
@@ -467,7 +473,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: i
 
 
 # -----------------------------------------------------------------------------
-# Optimizers: NorMuon with cautious weight decay for matrices, sharded Adam for the rest
+# Optimizers: NorMuon with cautious weight decay for matrices, sharded Adam (or Lion) for the rest
 
 
 # Their *_single successors are missing from torch 2.11, which GPU images ship.
@@ -656,6 +662,25 @@ class DistAdam(ShardedOptimizer):
         W.addcdiv_(state["exp_avg"], denom, value=-lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t))
 
 
+class DistLion(ShardedOptimizer):
+    """Lion: W -= lr * lr_mul * sign(beta1 m + (1 - beta1) g), then m = beta2 m + (1 - beta2) g; plus the optional
+    weight decay. State has the parameter's dtype."""
+
+    def __init__(self, params, lr: float, betas: tuple[float, float], weight_decay: float = 0.0,
+                 weight_decay_mode: str = "cautious", cautious_mask: str = "ge"):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay), weight_decay_mode, cautious_mask)
+
+    def _update(self, group, p, W: Tensor, g: Tensor, state: dict):
+        beta1, beta2 = group["betas"]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(W)
+        update = state["exp_avg"].lerp(g, 1 - beta1).sign_()
+        lr = group["lr"] * getattr(p, "lr_mul", 1.0)
+        self._decay(group, p, W, update, lr)
+        W.add_(update, alpha=-lr)
+        state["exp_avg"].lerp_(g, 1 - beta2)
+
+
 # -----------------------------------------------------------------------------
 # Model
 
@@ -839,13 +864,17 @@ def make_optimizers(cfg: Config, model: GPT) -> tuple[NorMuon, ShardedOptimizer]
     for p in [model.embed.weight, *value_embeds]:
         p.lr_mul = cfg.embed_lr_mul
     model.scalars.lr_mul = cfg.scalar_lr_mul
-    model.embed.weight.wd_mul, model.lm_head.wd_mul, model.scalars.wd_mul = cfg.embed_wd_mul, cfg.lm_head_wd_mul, cfg.scalar_wd_mul
+    model.embed.weight.wd_mul, model.lm_head.wd_mul = cfg.embed_wd_mul, cfg.lm_head_wd_mul
+    model.scalars.wd_mul = cfg.scalar_wd_mul
     for p in value_embeds:
         p.wd_mul = cfg.value_embed_wd_mul
     params = [model.embed.weight, *value_embeds, model.lm_head, model.scalars]
     decay = dict(weight_decay=cfg.adam_weight_decay, weight_decay_mode=cfg.adam_weight_decay_mode,
                  cautious_mask=cfg.cautious_mask)
-    adam = DistAdam(params, lr=cfg.adam_lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, **decay)
+    if cfg.adam_group_optimizer == "lion":
+        adam = DistLion(params, lr=cfg.adam_lr * cfg.lion_lr_scale, betas=(cfg.lion_beta1, cfg.lion_beta2), **decay)
+    else:
+        adam = DistAdam(params, lr=cfg.adam_lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, **decay)
     for opt in (normuon, adam):
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]

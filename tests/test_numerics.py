@@ -1,6 +1,6 @@
 """The trainer's math against float64 references written here from the spec (RECORD43_SPEC.md, sections 3 and 4):
-Polar Express, NorMuon with its three weight-decay modes and two cautious masks, sharded Adam with its weight
-decay, the FP8 lm_head, attention masking, rotary with YaRN, the schedules, and a full-graph torch.compile of
+Polar Express, NorMuon with its three weight-decay modes and two cautious masks, sharded Adam and Lion with their
+weight decay, the FP8 lm_head, attention masking, rotary with YaRN, the schedules, and a full-graph torch.compile of
 the tiny model. Everything runs on the CPU."""
 import math
 
@@ -292,7 +292,8 @@ def test_cautious_decay_applies_exactly_where_update_and_weight_agree(process_gr
 def test_normuon_gt_mask_spares_exactly_the_coordinates_the_update_leaves_at_zero(process_group):
     """A column without gradient stays exactly zero through momentum, Polar Express and the normalisation: ge
     decays it (update * W = 0), gt leaves it as it was; every other coordinate comes out the same bit for bit."""
-    for (p, w0, ge), (_, _, gt) in zip(one_step("cautious", zero_column=3), one_step("cautious", mask="gt", zero_column=3)):
+    ge_steps, gt_steps = one_step("cautious", zero_column=3), one_step("cautious", mask="gt", zero_column=3)
+    for (p, w0, ge), (_, _, gt) in zip(ge_steps, gt_steps):
         column = torch.zeros_like(w0, dtype=torch.bool)
         matrices_of(column, p)[:, :, 3] = True
         assert torch.equal(ge != gt, column), p.test_name
@@ -323,7 +324,7 @@ def test_decay_follows_the_lr_schedule(process_group):
 
 
 # -----------------------------------------------------------------------------
-# The Adam group: DistAdam, sharded along dim 0, with optional weight decay
+# The Adam group: DistAdam or DistLion, sharded along dim 0, with optional weight decay
 
 
 def decay_reference(update, W, wd: float, mode: str, mask: str):
@@ -356,6 +357,24 @@ def adam_reference(params, grads_per_step, lrs, betas, eps, weight_decay=0.0, mo
     return history
 
 
+def lion_reference(params, grads_per_step, lrs, betas, weight_decay=0.0, mode="cautious", mask="ge"):
+    """Lion in float64: W -= lr * lr_mul * (sign(b1 m + (1 - b1) g) + decay), then m = b2 m + (1 - b2) g, with the
+    decay term of Adam's."""
+    b1, b2 = betas
+    weights = [p.detach().double() for p in params]
+    m = [torch.zeros_like(w) for w in weights]
+    history = []
+    for lr, grads in zip(lrs, grads_per_step):
+        for i, (p, g) in enumerate(zip(params, grads)):
+            g = g.double()
+            update = torch.sign(b1 * m[i] + (1 - b1) * g)
+            decay = decay_reference(update, weights[i], lr * weight_decay * getattr(p, "wd_mul", 1.0), mode, mask)
+            weights[i] = weights[i] - lr * getattr(p, "lr_mul", 1.0) * (update + decay)
+            m[i] = b2 * m[i] + (1 - b2) * g
+        history.append([w.clone() for w in weights])
+    return history
+
+
 @pytest.mark.parametrize("grad_scale", [1.0, 1e-8], ids=["large-gradients", "eps-sized-gradients"])
 def test_dist_adam_matches_the_records_formula(process_group, grad_scale):
     """With gradients of 1e-8, sqrt(v) is of the order of eps, so where eps goes decides the step: adding eps
@@ -382,12 +401,14 @@ def test_dist_adam_matches_the_records_formula(process_group, grad_scale):
     assert moved[1] > 3 * moved[0] and moved[2] > 10 * moved[1]  # the multipliers really scale the steps
 
 
-ADAM_BETAS, ADAM_EPS = (0.65, 0.95), 1e-8
+ADAM_BETAS, ADAM_EPS, LION_BETAS = (0.65, 0.95), 1e-8, (0.9, 0.99)
 # (shape, lr_mul, wd_mul): lm_head-like, the scalar vector (not decayed), an embedding decayed less than lm_head
 ADAM_GROUP_PARAMS = [((8, 6), 1.0, 150.0), ((12,), 5.0, 0.0), ((4, 3), 75.0, 40.0)]
 ADAM_GROUP_LRS = [0.008, 0.008, 0.006, 0.004, 0.002, 0.001]  # a falling schedule: the decay falls with its square
 ADAM_GROUP_WD = 0.25  # lr x wd x wd_mul = 0.3 at the start with wd_mul 150: the decay is a third of the update
-DECAY_OPTIONS = [("cautious", "ge"), ("cautious", "gt"), ("decoupled", "ge")]
+# (mode, mask, weight decay) of each case
+DECAY_CASES = [("cautious", "ge", 0.0), ("cautious", "ge", ADAM_GROUP_WD), ("cautious", "gt", ADAM_GROUP_WD),
+               ("decoupled", "ge", ADAM_GROUP_WD)]
 
 
 def adam_group_case(seed: int, dtype=torch.float32):
@@ -403,6 +424,8 @@ def adam_group_case(seed: int, dtype=torch.float32):
 
 def adam_group_optimizer(kind: str, params, weight_decay=0.0, mode="cautious", mask="ge"):
     decay = dict(weight_decay=weight_decay, weight_decay_mode=mode, cautious_mask=mask)
+    if kind == "lion":
+        return train_gpt.DistLion(params, lr=ADAM_GROUP_LRS[0], betas=LION_BETAS, **decay)
     return train_gpt.DistAdam(params, lr=ADAM_GROUP_LRS[0], betas=ADAM_BETAS, eps=ADAM_EPS, **decay)
 
 
@@ -419,15 +442,18 @@ def run_adam_group(opt, params, grads) -> list[list[torch.Tensor]]:
     return history
 
 
-@pytest.mark.parametrize("kind", ["adam"])
-@pytest.mark.parametrize("mode, mask, weight_decay", [("cautious", "ge", 0.0)] + [(*o, ADAM_GROUP_WD) for o in DECAY_OPTIONS],
+@pytest.mark.parametrize("kind", ["adam", "lion"])
+@pytest.mark.parametrize("mode, mask, weight_decay", DECAY_CASES,
                          ids=["no-decay", "cautious-ge", "cautious-gt", "decoupled"])
 def test_adam_group_matches_reference(process_group, kind, mode, mask, weight_decay):
     """Measured: at most 6.6e-6 (float32 rounding). Decay at the first lr instead of the scheduled one gives 0.06 to
     0.12, a cautious mask taken from the gradient instead of the update 0.03 to 0.09."""
     params, grads = adam_group_case(seed=14)
     start = [p.detach().clone() for p in params]
-    expected = adam_reference(params, grads, ADAM_GROUP_LRS, ADAM_BETAS, ADAM_EPS, weight_decay, mode, mask)
+    if kind == "lion":
+        expected = lion_reference(params, grads, ADAM_GROUP_LRS, LION_BETAS, weight_decay, mode, mask)
+    else:
+        expected = adam_reference(params, grads, ADAM_GROUP_LRS, ADAM_BETAS, ADAM_EPS, weight_decay, mode, mask)
     actual = run_adam_group(adam_group_optimizer(kind, params, weight_decay, mode, mask), params, grads)
     for step, (weights, reference) in enumerate(zip(actual, expected)):
         for w, w0, ref in zip(weights, start, reference):
@@ -435,7 +461,7 @@ def test_adam_group_matches_reference(process_group, kind, mode, mask, weight_de
             assert error < 2e-5, f"step {step}, {tuple(w.shape)}: update error {error:.2e}"
 
 
-@pytest.mark.parametrize("kind", ["adam"])
+@pytest.mark.parametrize("kind", ["adam", "lion"])
 def test_adam_group_masks_are_exactly_zero_where_the_sign_test_fails(process_group, kind):
     """One step from fresh state, where the update has the gradient's sign and is exactly zero in rows without
     gradient (tokens absent from the batch). ge decays where update * W >= 0, so those rows too; gt only where > 0.
@@ -462,11 +488,11 @@ def test_adam_group_masks_are_exactly_zero_where_the_sign_test_fails(process_gro
 
 
 def sharded_worker(rank: int, world: int, store: str, out: str):
-    """One rank of a gloo group: cautious Adam over the steps of a case; rank 0 saves the final weights."""
+    """One rank of a gloo group: cautious Adam and Lion over the steps of a case; rank 0 saves the final weights."""
     dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
     try:
         final = {}
-        for kind in ("adam",):
+        for kind in ("adam", "lion"):
             params, grads = adam_group_case(seed=17)
             opt = adam_group_optimizer(kind, params, ADAM_GROUP_WD, "cautious", "gt")
             final[kind] = run_adam_group(opt, params, grads)[-1]
@@ -481,7 +507,7 @@ def test_adam_group_on_two_ranks_matches_one_process_bit_for_bit(process_group, 
     Only if each rank masks its decay with the update and the weights of its own rows is the result one process's."""
     torch.multiprocessing.spawn(sharded_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "final.pt")), nprocs=2)
     two_ranks = torch.load(tmp_path / "final.pt")
-    for kind in ("adam",):
+    for kind in ("adam", "lion"):
         params, grads = adam_group_case(seed=17)
         one = run_adam_group(adam_group_optimizer(kind, params, ADAM_GROUP_WD, "cautious", "gt"), params, grads)[-1]
         for a, b in zip(two_ranks[kind], one):
@@ -492,7 +518,7 @@ def test_record43_defaults_leave_adam_bit_identical(process_group):
     """At the defaults (Adam, no weight decay) DistAdam matches the record's step, op for op and bit for bit, in
     float32 and in bf16 (the embeddings' dtype on a GPU), so record 43 trains exactly as published."""
     cfg = train_gpt.parse_config([])
-    assert (cfg.adam_weight_decay, cfg.cautious_mask) == (0.0, "ge")
+    assert (cfg.adam_group_optimizer, cfg.adam_weight_decay, cfg.cautious_mask) == ("adam", 0.0, "ge")
     b1, b2 = cfg.adam_beta1, cfg.adam_beta2
     for dtype in (torch.float32, torch.bfloat16):
         params, grads = adam_group_case(seed=16, dtype=dtype)
@@ -513,18 +539,20 @@ def test_record43_defaults_leave_adam_bit_identical(process_group):
 
 
 def test_adam_group_flags_reach_the_optimizers(process_group):
-    cfg = train_gpt.parse_config(["--preset=tiny", "--adam_weight_decay=0.005", "--adam_weight_decay_mode=decoupled",
-                                  "--cautious_mask=gt", "--lm_head_wd_mul=7"])
+    cfg = train_gpt.parse_config(["--preset=tiny", "--adam_group_optimizer=lion", "--lion_lr_scale=0.2",
+                                  "--lion_beta1=0.8", "--lion_beta2=0.98", "--adam_weight_decay=0.005",
+                                  "--adam_weight_decay_mode=decoupled", "--cautious_mask=gt", "--lm_head_wd_mul=7"])
     model = train_gpt.GPT(cfg, 64, 1)
-    normuon, adam = train_gpt.make_optimizers(cfg, model)
-    assert isinstance(adam, train_gpt.DistAdam) and len(adam.param_groups) == 1
-    group = adam.param_groups[0]
-    assert group["weight_decay"] == 0.005 and adam.weight_decay_mode == "decoupled"
-    assert adam.cautious_mask == normuon.cautious_mask == "gt"
+    normuon, lion = train_gpt.make_optimizers(cfg, model)
+    assert isinstance(lion, train_gpt.DistLion) and len(lion.param_groups) == 1
+    group = lion.param_groups[0]
+    assert group["lr"] == pytest.approx(0.008 * 0.2) and group["betas"] == (0.8, 0.98)
+    assert group["weight_decay"] == 0.005 and lion.weight_decay_mode == "decoupled"
+    assert lion.cautious_mask == normuon.cautious_mask == "gt"
     wd_muls = [p.wd_mul for p in group["params"]]
     assert group["params"][0] is model.embed.weight and wd_muls == [150.0, 5.0, 5.0, 5.0, 7.0, 0.0]
     _, adam = train_gpt.make_optimizers(train_gpt.parse_config(["--preset=tiny"]), model)
-    assert adam.param_groups[0]["weight_decay"] == 0.0
+    assert isinstance(adam, train_gpt.DistAdam) and adam.param_groups[0]["weight_decay"] == 0.0
 
 
 # -----------------------------------------------------------------------------
