@@ -104,6 +104,21 @@ class Config:
     momentum_warmup_steps: int = _arg(300, "steps of linear momentum warm-up")
     momentum_cooldown_steps: int = _arg(50, "final steps of linear momentum cool-down")
     muon_beta2: float = _arg(0.95, "NorMuon second-moment decay")
+    cautious_mask: str = _arg("ge", "where cautious decay applies, in NorMuon and the Adam group: "
+                                    "ge (update x weight >= 0, record 43) | gt (> 0: not where the update is zero)")
+    adam_group_optimizer: str = _arg("adam", "adam | lion: the optimizer of the embeddings, value embeddings, lm_head "
+                                             "and scalars (the Adam group)")
+    adam_weight_decay: float = _arg(0.0, "weight decay of the Adam group (Adam or Lion), applied as lr(t) x this x the "
+                                         "parameter's wd_mul (0: none, as record 43)")
+    adam_weight_decay_mode: str = _arg("cautious", "cautious (only where update and weight agree in sign) | decoupled")
+    embed_wd_mul: float = _arg(150.0, "Adam-group weight-decay multiplier of the token embedding")
+    value_embed_wd_mul: float = _arg(5.0, "Adam-group weight-decay multiplier of the value embeddings")
+    lm_head_wd_mul: float = _arg(150.0, "Adam-group weight-decay multiplier of lm_head")
+    scalar_wd_mul: float = _arg(0.0, "Adam-group weight-decay multiplier of the scalar vector")
+    lion_beta1: float = _arg(0.9, "Lion: the update is sign(beta1 m + (1 - beta1) g)")
+    lion_beta2: float = _arg(0.99, "Lion: the momentum is m = beta2 m + (1 - beta2) g")
+    lion_lr_scale: float = _arg(0.3, "Lion's lr is adam_lr x this, with Adam's per-parameter multipliers (the Lion "
+                                     "paper: 3 to 10 times smaller than AdamW's, as a sign step is larger)")
     # run
     warmup_steps: int = _arg(30, "untimed steps that compile every graph, then all state is reset")
     val_loss_every: int = _arg(250, "steps between validations (0: only at the start and the end)")
@@ -137,7 +152,9 @@ PRESETS = {
                  momentum_warmup_steps=30, momentum_cooldown_steps=5, warmup_steps=4, val_loss_every=50),
 }
 CHOICES = {"preset": tuple(PRESETS), "device": ("auto", "cuda", "cpu"), "compile": ("auto", "on", "off"),
-           "fp8_head": ("auto", "on", "off"), "weight_decay_mode": ("cautious", "decoupled", "none")}
+           "fp8_head": ("auto", "on", "off"), "weight_decay_mode": ("cautious", "decoupled", "none"),
+           "cautious_mask": ("ge", "gt"), "adam_group_optimizer": ("adam", "lion"),
+           "adam_weight_decay_mode": ("cautious", "decoupled")}
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
@@ -193,12 +210,16 @@ def check_config(cfg: Config):
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"--{name}={getattr(cfg, name)}: choose one of {', '.join(allowed)}")
     for name in ("val_tokens", "val_seq_tokens", "train_batch_tokens", "micro_batch_tokens", "max_doc_tokens",
-                 "model_dim", "num_heads", "head_dim", "num_scheduled_iterations", "window_block"):
+                 "model_dim", "num_heads", "head_dim", "num_scheduled_iterations", "window_block", "lion_lr_scale"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name}={getattr(cfg, name)}: must be positive")
-    for name in ("num_extension_iterations", "warmup_steps", "val_loss_every", "max_steps", "weight_decay"):
+    for name in ("num_extension_iterations", "warmup_steps", "val_loss_every", "max_steps", "weight_decay",
+                 "adam_weight_decay", "embed_wd_mul", "value_embed_wd_mul", "lm_head_wd_mul", "scalar_wd_mul"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name}={getattr(cfg, name)}: must not be negative")
+    for name in ("adam_beta1", "adam_beta2", "lion_beta1", "lion_beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name}={getattr(cfg, name)}: must be in [0, 1) (default {FIELDS[name].default})")
     if cfg.val_tokens % cfg.val_seq_tokens:
         raise ConfigError(f"--val_tokens={cfg.val_tokens} is not a multiple of --val_seq_tokens={cfg.val_seq_tokens}; "
                           f"use --val_tokens={max(1, cfg.val_tokens // cfg.val_seq_tokens) * cfg.val_seq_tokens}")
@@ -458,7 +479,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: i
 
 
 # -----------------------------------------------------------------------------
-# Optimizers: NorMuon with cautious weight decay for matrices, sharded Adam for the rest
+# Optimizers: NorMuon with cautious weight decay for matrices, sharded Adam (or Lion) for the rest
 
 
 # Their *_single successors are missing from torch 2.11, which GPU images ship.
@@ -484,6 +505,16 @@ def all_gather_into(full: Tensor, local: Tensor):
     return dist.all_gather_into_tensor(full, local, async_op=True).wait
 
 
+def decay_term(update: Tensor, W: Tensor, wd, mode: str, mask: str) -> Tensor:
+    """What weight decay adds to an update before the lr scales it: wd * W (decoupled), or, cautious, wd * W only
+    where the update and W agree in sign, so that decay never pulls against the step: update * W >= 0 (mask ge,
+    record 43) or > 0 (gt, which also leaves alone the coordinates that the update does not move)."""
+    if mode == "decoupled":
+        return wd * W
+    product = update * W
+    return wd * (product > 0 if mask == "gt" else product >= 0) * W
+
+
 class NorMuon(torch.optim.Optimizer):
     """Momentum, Polar Express orthogonalisation, per-column second-moment normalisation, and weight decay scaled by
     the scheduled lr, optionally masked to coordinates where update and weight agree in sign.
@@ -496,9 +527,10 @@ class NorMuon(torch.optim.Optimizer):
     V, O, the gates and the MLP's output matrix, and the hidden units of the MLP's input matrix.
     """
 
-    def __init__(self, param_groups, lr: float, weight_decay: float, weight_decay_mode: str, momentum: float, beta2: float):
+    def __init__(self, param_groups, lr: float, weight_decay: float, weight_decay_mode: str, momentum: float, beta2: float,
+                 cautious_mask: str = "ge"):
         super().__init__(param_groups, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, beta2=beta2))
-        self.weight_decay_mode = weight_decay_mode
+        self.weight_decay_mode, self.cautious_mask = weight_decay_mode, cautious_mask
         for group in self.param_groups:
             first = group["params"][0]
             if any(p.shape != first.shape or p.dtype != first.dtype for p in group["params"]):
@@ -564,24 +596,27 @@ class NorMuon(torch.optim.Optimizer):
         wd_eff = lr * group["weight_decay"]
         Wf = W.float()
         step = O
-        if self.weight_decay_mode == "cautious":
-            step = O + wd_eff * (O * Wf >= 0) * Wf
-        elif self.weight_decay_mode == "decoupled":
-            step = O + wd_eff * Wf
+        if self.weight_decay_mode != "none":
+            step = O + decay_term(O, Wf, wd_eff, self.weight_decay_mode, self.cautious_mask)
         W.copy_(Wf - lr_eff * step)
 
 
-class DistAdam(torch.optim.Optimizer):
-    """Adam (bias-corrected, no weight decay) sharded along dim 0: each rank updates 1/world of every tensor.
-    W -= lr * lr_mul * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps). State has the parameter's dtype."""
+class ShardedOptimizer(torch.optim.Optimizer):
+    """The optimizers of the embeddings, lm_head and scalars, sharded along dim 0: the mean gradient is
+    reduce-scattered, each rank updates rows [rank * n, (rank + 1) * n) of every tensor (n = rows / world) and the
+    slices are all-gathered. A parameter may carry `lr_mul` and `wd_mul`; weight decay follows the scheduled lr
+    like NorMuon's: W -= lr * lr_mul * (lr * weight_decay * wd_mul) * (mask) W, with the cautious mask taken from
+    the update and the weights of the rank's own slice. Subclasses update one slice in `_update`."""
 
-    def __init__(self, params, lr: float, betas: tuple[float, float], eps: float):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+    def __init__(self, params, defaults: dict, weight_decay_mode: str, cautious_mask: str):
+        super().__init__(params, defaults)
+        self.weight_decay_mode, self.cautious_mask = weight_decay_mode, cautious_mask
         world = dist.get_world_size()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.size(0) % world:
-                    raise ValueError(f"DistAdam: a {tuple(p.shape)} tensor cannot be split over {world} ranks along dim 0")
+                    raise ValueError(f"{type(self).__name__}: a {tuple(p.shape)} tensor cannot be split over {world} "
+                                     "ranks along dim 0")
 
     @torch.no_grad()
     def step(self):
@@ -590,28 +625,66 @@ class DistAdam(torch.optim.Optimizer):
         rank = dist.get_rank()
         gathers = []
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
                 g, wait = next(scattered)
                 wait()
                 rows = p.size(0) // dist.get_world_size()
                 p_local = p[rank * rows:(rank + 1) * rows]
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p_local)
-                    state["exp_avg_sq"] = torch.zeros_like(p_local)
-                state["step"] += 1
-                t = state["step"]
-                state["exp_avg"].lerp_(g, 1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                # the record's form: eps is added to the raw sqrt(v), both bias corrections go into the step size
-                denom = state["exp_avg_sq"].sqrt().add_(group["eps"])
-                step_size = group["lr"] * getattr(p, "lr_mul", 1.0) * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
-                p_local.addcdiv_(state["exp_avg"], denom, value=-step_size)
+                self._update(group, p, p_local, g, self.state[p])
                 gathers.append(all_gather_into(p, p_local))
         for wait in gathers:
             wait()
+
+    def _decay(self, group, p, W: Tensor, update: Tensor, lr: float):
+        """Decay the slice W from its weights before this step, with `update` the step's direction on the same slice."""
+        wd = group["lr"] * group["weight_decay"] * getattr(p, "wd_mul", 1.0)
+        if wd:
+            W.sub_(lr * decay_term(update, W, wd, self.weight_decay_mode, self.cautious_mask))
+
+
+class DistAdam(ShardedOptimizer):
+    """Adam, bias-corrected as the record: W -= lr * lr_mul * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps),
+    plus the optional weight decay. State has the parameter's dtype."""
+
+    def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float = 0.0,
+                 weight_decay_mode: str = "cautious", cautious_mask: str = "ge"):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), weight_decay_mode,
+                         cautious_mask)
+
+    def _update(self, group, p, W: Tensor, g: Tensor, state: dict):
+        beta1, beta2 = group["betas"]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(W)
+            state["exp_avg_sq"] = torch.zeros_like(W)
+        state["step"] += 1
+        t = state["step"]
+        state["exp_avg"].lerp_(g, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        # the record's form: eps is added to the raw sqrt(v), both bias corrections go into the step size
+        denom = state["exp_avg_sq"].sqrt().add_(group["eps"])
+        lr = group["lr"] * getattr(p, "lr_mul", 1.0)
+        self._decay(group, p, W, state["exp_avg"], lr)  # m / (sqrt(v) + eps) has the sign of m
+        W.addcdiv_(state["exp_avg"], denom, value=-lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t))
+
+
+class DistLion(ShardedOptimizer):
+    """Lion: W -= lr * lr_mul * sign(beta1 m + (1 - beta1) g), then m = beta2 m + (1 - beta2) g; plus the optional
+    weight decay. State has the parameter's dtype."""
+
+    def __init__(self, params, lr: float, betas: tuple[float, float], weight_decay: float = 0.0,
+                 weight_decay_mode: str = "cautious", cautious_mask: str = "ge"):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay), weight_decay_mode, cautious_mask)
+
+    def _update(self, group, p, W: Tensor, g: Tensor, state: dict):
+        beta1, beta2 = group["betas"]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(W)
+        update = state["exp_avg"].lerp(g, 1 - beta1).sign_()
+        lr = group["lr"] * getattr(p, "lr_mul", 1.0)
+        self._decay(group, p, W, update, lr)
+        W.add_(update, alpha=-lr)
+        state["exp_avg"].lerp_(g, 1 - beta2)
 
 
 # -----------------------------------------------------------------------------
@@ -776,7 +849,7 @@ class GPT(nn.Module):
         return F.cross_entropy(logits, targets, reduction="sum" if self.training else "mean")
 
 
-def make_optimizers(cfg: Config, model: GPT) -> tuple[NorMuon, DistAdam]:
+def make_optimizers(cfg: Config, model: GPT) -> tuple[NorMuon, ShardedOptimizer]:
     blocks = [model.blocks[str(i)] for i in MLP_LAYERS]
     for block in blocks:
         block.mlp.fc.lr_mul = cfg.mlp_in_lr_mul
@@ -791,12 +864,23 @@ def make_optimizers(cfg: Config, model: GPT) -> tuple[NorMuon, DistAdam]:
     first_size = math.ceil(slots_per_rank / 2) * world
     matrix_groups = [[model.smear_gate], [a.gate for a in attn], big[:first_size], big[first_size:]]
     normuon = NorMuon([dict(params=g) for g in matrix_groups if g], lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
-                      weight_decay_mode=cfg.weight_decay_mode, momentum=cfg.muon_momentum, beta2=cfg.muon_beta2)
-    for p in [model.embed.weight, *(e.weight for e in model.value_embeds)]:
+                      weight_decay_mode=cfg.weight_decay_mode, momentum=cfg.muon_momentum, beta2=cfg.muon_beta2,
+                      cautious_mask=cfg.cautious_mask)
+    value_embeds = [e.weight for e in model.value_embeds]
+    for p in [model.embed.weight, *value_embeds]:
         p.lr_mul = cfg.embed_lr_mul
     model.scalars.lr_mul = cfg.scalar_lr_mul
-    adam = DistAdam([model.embed.weight, *(e.weight for e in model.value_embeds), model.lm_head, model.scalars],
-                    lr=cfg.adam_lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    model.embed.weight.wd_mul, model.lm_head.wd_mul = cfg.embed_wd_mul, cfg.lm_head_wd_mul
+    model.scalars.wd_mul = cfg.scalar_wd_mul
+    for p in value_embeds:
+        p.wd_mul = cfg.value_embed_wd_mul
+    params = [model.embed.weight, *value_embeds, model.lm_head, model.scalars]
+    decay = dict(weight_decay=cfg.adam_weight_decay, weight_decay_mode=cfg.adam_weight_decay_mode,
+                 cautious_mask=cfg.cautious_mask)
+    if cfg.adam_group_optimizer == "lion":
+        adam = DistLion(params, lr=cfg.adam_lr * cfg.lion_lr_scale, betas=(cfg.lion_beta1, cfg.lion_beta2), **decay)
+    else:
+        adam = DistAdam(params, lr=cfg.adam_lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, **decay)
     for opt in (normuon, adam):
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]

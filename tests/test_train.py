@@ -63,6 +63,7 @@ def test_presets_and_overrides():
     assert record43.weight_decay_mode == "cautious" and record43.bos_id == 50256
     record42 = tg.parse_config(["--preset=record42"])
     assert (record42.num_scheduled_iterations, record42.num_iterations, record42.weight_decay) == (2245, 2285, 0.0)
+    assert (record43.adam_group_optimizer, record43.adam_weight_decay, record43.cautious_mask) == ("adam", 0.0, "ge")
     tiny = tg.parse_config(["--preset=tiny", "--muon_lr=0.05", "--window_schedule=2,4", "--weight_decay_mode=none"])
     assert (tiny.model_dim, tiny.muon_lr, tiny.window_schedule, tiny.weight_decay_mode) == (64, 0.05, (2, 4), "none")
 
@@ -74,6 +75,14 @@ def test_presets_and_overrides():
     (["--window_schedule=3;7"], "--window_schedule=3;7: expected comma-separated integers"),
     (["--preset=record44"], "--preset=record44: unknown preset"),
     (["--weight_decay_mode=adamw"], "--weight_decay_mode=adamw: choose one of cautious, decoupled, none"),
+    (["--adam_weight_decay_mode=none"], "--adam_weight_decay_mode=none: choose one of cautious, decoupled"),
+    (["--cautious_mask=gte"], "--cautious_mask=gte: choose one of ge, gt"),
+    (["--adam_group_optimizer=sgd"], "--adam_group_optimizer=sgd: choose one of adam, lion"),
+    (["--adam_weight_decay=-0.005"], "--adam_weight_decay=-0.005: must not be negative"),
+    (["--value_embed_wd_mul=-5"], "--value_embed_wd_mul=-5.0: must not be negative"),
+    (["--adam_beta2=1"], "--adam_beta2=1.0: must be in [0, 1) (default 0.95)"),
+    (["--lion_beta2=1"], "--lion_beta2=1.0: must be in [0, 1) (default 0.99)"),
+    (["--lion_lr_scale=0"], "--lion_lr_scale=0.0: must be positive"),
     (["max_steps=3"], "not of the form --name=value"),
     (["--model_dim=512"], "--model_dim=512 must equal num_heads * head_dim = 768"),
     (["--val_tokens=1000"], "--val_tokens=1000 is not a multiple of --val_seq_tokens=262144; use --val_tokens=262144"),
