@@ -7,6 +7,7 @@ validation loss, with NorMuon + Adam and cautious weight decay scheduled as lr x
 
 Sections follow a batch: configuration, kernels, optimizers, model, data loading, training loop, logging.
 """
+import argparse
 import dataclasses
 import datetime
 import difflib
@@ -130,16 +131,27 @@ PRESETS = {
 CHOICES = {"preset": tuple(PRESETS), "device": ("auto", "cuda", "cpu"), "compile": ("auto", "on", "off"),
            "weight_decay_mode": ("cautious", "decoupled", "none")}
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+METAVARS = {str: "TEXT", int: "INT", float: "NUMBER", tuple: "INT,INT,..."}
 
 
-def usage() -> str:
-    lines = ["usage: [torchrun ...] train_gpt.py [--name=value ...]", "",
-             "Every hyperparameter, with its record43 default (a --preset changes some of them):"]
+class FlagParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ConfigError(f"{message}; see --help")
+
+
+def flag_parser() -> FlagParser:
+    """A flag per Config field, as --name=value or --name value; the last of a repeated flag wins."""
+    presets = "; ".join(f"{name}: {over or 'the spec'}" for name, over in PRESETS.items())
+    parser = FlagParser(prog="train_gpt.py", usage="[torchrun ...] train_gpt.py [--name=value | --name value ...]",
+                        description="Every hyperparameter, with its record43 default (a --preset changes some of them).",
+                        epilog=f"presets: {presets}", allow_abbrev=False)
     for f in dataclasses.fields(Config):
         default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-        lines.append(f"  --{f.name}={default}\n      {f.metadata['help']}")
-    lines.append("\npresets: " + "; ".join(f"{name}: {over or 'the spec'}" for name, over in PRESETS.items()))
-    return "\n".join(lines)
+        parser.add_argument(f"--{f.name}", type=lambda text, name=f.name: parse_value(name, text),
+                            default=argparse.SUPPRESS, metavar=METAVARS[type(f.default)],
+                            help=f"{f.metadata['help']} (default: {default})")
+    return parser
+
 
 
 def parse_value(name: str, text: str):
@@ -148,28 +160,27 @@ def parse_value(name: str, text: str):
         if kind is tuple:
             return tuple(int(part) for part in text.split(","))
         return kind(text)
-    except ValueError:
+    except ValueError:  # raised as ConfigError, which argparse lets through with this message
         expected, example = {tuple: ("comma-separated integers", "3,7,11"), int: ("an integer", "42"),
                              float: ("a number", "0.5")}[kind]
         raise ConfigError(f"--{name}={text}: expected {expected}, for example --{name}={example}")
 
 
+def unknown_argument(arg: str) -> str:
+    if not arg.startswith("--"):
+        return f"unexpected argument {arg!r}: flags are --name=value or --name value; see --help"
+    name = arg[2:].split("=", 1)[0]
+    close = difflib.get_close_matches(name, FIELDS, n=1)
+    hint = f" (did you mean --{close[0]}?)" if close else ""
+    return f"unknown flag --{name}{hint}; see --help for the list"
+
+
 def parse_config(argv) -> Config:
-    """Build the Config: the preset's values, then each --name=value on top."""
-    given = {}
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(usage())
-            raise SystemExit(0)
-        if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError(f"argument {arg!r} is not of the form --name=value; see --help")
-        name, text = arg[2:].split("=", 1)
-        name = name.replace("-", "_")
-        if name not in FIELDS:
-            close = difflib.get_close_matches(name, FIELDS, n=1)
-            hint = f" (did you mean --{close[0]}?)" if close else ""
-            raise ConfigError(f"unknown flag --{name}{hint}; see --help for the list")
-        given[name] = parse_value(name, text)
+    """Build the Config: the preset's values, then each flag given on top."""
+    given, extra = flag_parser().parse_known_args(argv)
+    if extra:
+        raise ConfigError(unknown_argument(extra[0]))
+    given = vars(given)
     preset = given.get("preset", "record43")
     if preset not in PRESETS:
         raise ConfigError(f"--preset={preset}: unknown preset, choose one of {', '.join(PRESETS)}")

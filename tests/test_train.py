@@ -1,4 +1,5 @@
 """train_gpt.py as a user meets it: flags, data loading, bad input, and whole runs of the tiny preset."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -50,11 +51,17 @@ def test_help_lists_every_flag_with_its_default(capsys):
     with pytest.raises(SystemExit) as exit_info:
         tg.parse_config(["--help"])
     assert exit_info.value.code == 0
-    text = capsys.readouterr().out
-    for name in ("preset", "train_files", "val_files", "val_tokens", "num_scheduled_iterations",
-                 "num_extension_iterations", "val_loss_every", "seed", "device", "compile", "log_dir", "max_steps"):
-        assert f"--{name}=" in text
-    assert "--muon_lr=0.03" in text and "--weight_decay=1.2" in text and "--window_schedule=3,7,11" in text
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal's width
+    for f in dataclasses.fields(tg.Config):
+        assert f"--{f.name} " in text
+    assert "--muon_lr NUMBER NorMuon lr (block matrices and gates) (default: 0.03)" in text
+    assert "(default: 1.2)" in text and "(default: 3,7,11)" in text and "presets: record43: the spec;" in text
+
+
+def test_flags_take_both_forms_and_the_last_of_a_repeated_flag_wins():
+    cfg = tg.parse_config(["--preset", "tiny", "--max_steps=2", "--muon_lr", "0.05", "--max_steps", "7",
+                           "--window_schedule", "2,4"])
+    assert (cfg.model_dim, cfg.max_steps, cfg.muon_lr, cfg.window_schedule) == (64, 7, 0.05, (2, 4))
 
 
 def test_presets_and_overrides():
@@ -74,7 +81,9 @@ def test_presets_and_overrides():
     (["--window_schedule=3;7"], "--window_schedule=3;7: expected comma-separated integers"),
     (["--preset=record44"], "--preset=record44: unknown preset"),
     (["--weight_decay_mode=adamw"], "--weight_decay_mode=adamw: choose one of cautious, decoupled, none"),
-    (["max_steps=3"], "not of the form --name=value"),
+    (["max_steps=3"], "unexpected argument 'max_steps=3': flags are --name=value or --name value"),
+    (["--max_steps"], "argument --max_steps: expected one argument; see --help"),
+    (["--max=3"], "unknown flag --max"),  # no abbreviations: --max could be --max_steps or --max_doc_tokens
     (["--model_dim=512"], "--model_dim=512 must equal num_heads * head_dim = 768"),
     (["--val_tokens=1000"], "--val_tokens=1000 is not a multiple of --val_seq_tokens=262144; use --val_tokens=262144"),
 ])
