@@ -28,6 +28,7 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -1004,10 +1005,10 @@ def set_schedules(cfg: Config, optimizers, step: int):
 
 class LossCheck:
     """Stops the run on a NaN or infinite training loss. On CUDA each step's loss is read one step late,
-    so the GPU never idles waiting for the host; elsewhere at once."""
+    so the GPU never idles waiting for the host; elsewhere at once. `latest` is the newest loss read."""
 
     def __init__(self, device):
-        self.device, self.pending = device, None
+        self.device, self.pending, self.latest = device, None, None
 
     def push(self, where: str, loss: Tensor):
         self.check()
@@ -1028,8 +1029,9 @@ class LossCheck:
         self.pending = None
         if event is not None:
             event.synchronize()
-        if not math.isfinite(loss.item()):
-            raise TrainingError(f"{where}: training loss is {loss.item()}; stopping the run. "
+        self.latest = loss.item()
+        if not math.isfinite(self.latest):
+            raise TrainingError(f"{where}: training loss is {self.latest}; stopping the run. "
                                 "Lower the learning rates or check the data of this step")
 
 
@@ -1091,10 +1093,77 @@ def setup_device(cfg: Config):
     return device, rank, world
 
 
-def train(cfg: Config, device, rank: int, world: int, log: "RunLog", started: float):
+class Inputs(NamedTuple):
+    """What the checks before the start found and training uses."""
+    grad_accum: int
+    micro_tokens: int
+    train_files: list[Path]
+    val_data: list[tuple]
+
+
+def check_inputs(cfg: Config, rank: int, world: int, device) -> Inputs:
+    """Everything that can be checked before the first step, so that a bad input stops the run before it has a
+    record: the batch split, the shards' headers, the first training shard's tokens, the validation data and the
+    folders rank 0 writes to."""
     grad_accum, micro_tokens = batch_split(cfg, world)
     train_files = list_shards(cfg.train_files, "train_files")
+    check_first_shard(train_files[0], cfg)
     val_data = val_batches(list_shards(cfg.val_files, "val_files"), cfg, rank, world, device)
+    if rank == 0:
+        check_output_folders(cfg)
+    return Inputs(grad_accum, micro_tokens, train_files, val_data)
+
+
+def check_first_shard(path: Path, cfg: Config):
+    """Tokens within the vocabulary and documents to train on; later shards are checked as they load."""
+    if not (load_shard(path, cfg.vocab_size) == cfg.bos_id).any():
+        raise DataError(f"{path}: no BOS token ({cfg.bos_id}) in the shard, so it has no documents to train on; "
+                        "check --vocab_size (BOS is its last token) or regenerate the shard")
+
+
+def check_output_folders(cfg: Config):
+    """The record folder (created if missing) and the checkpoint's folder must be folders rank 0 can write in."""
+    log_dir = Path(cfg.log_dir)
+    if not log_dir.exists():
+        try:
+            log_dir.mkdir(parents=True)
+        except OSError as e:
+            raise ConfigError(f"--log_dir={cfg.log_dir}: cannot create this folder ({e.strerror}); "
+                              "choose a folder you can write in")
+    check_writable_folder(log_dir, f"--log_dir={cfg.log_dir}")
+    if cfg.checkpoint:
+        if Path(cfg.checkpoint).is_dir():
+            raise ConfigError(f"--checkpoint={cfg.checkpoint} is a folder; give a file name, "
+                              f"e.g. {Path(cfg.checkpoint) / 'model.pt'}")
+        check_writable_folder(Path(cfg.checkpoint).absolute().parent, f"--checkpoint={cfg.checkpoint}")
+
+
+def check_writable_folder(folder: Path, flag: str):
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{flag}: {folder} is a file, not a folder; choose a folder")
+    if not folder.is_dir():
+        raise ConfigError(f"{flag}: folder {folder} does not exist; create it or choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag}: cannot write in {folder}; choose a folder you can write in")
+
+
+def agreed(check):
+    """Run `check` on every rank and stop all of them if any rank found a bad input: no rank is left waiting in a
+    collective for one that quit, and rank 0 reports a problem found elsewhere (a file missing on another node)."""
+    try:
+        result, problem = check(), None
+    except UserError as e:
+        result, problem = None, str(e)
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    first = next((p for p in problems if p), None)
+    if first:
+        raise UserError(first)
+    return result
+
+
+def train(cfg: Config, device, rank: int, world: int, inputs: Inputs, log: "RunLog", started: float):
+    grad_accum, micro_tokens, train_files, val_data = inputs
     batches = TrainBatches(train_files, cfg, micro_tokens, rank, world, device)
     log.line(f"world size {world}, {grad_accum} micro-steps of {micro_tokens} tokens per rank, "
              f"{len(train_files)} training shards, {cfg.val_tokens} validation tokens")
@@ -1120,6 +1189,7 @@ def train(cfg: Config, device, rank: int, world: int, log: "RunLog", started: fl
             size = sizes[step % len(sizes)]
             check.push(f"warm-up step {step + 1}", train_step(cfg, model, optimizers, batches, grad_accum, step, (size // 2, size)))
         check.check()
+        check = LossCheck(device)  # step lines show training losses, not the warm-up's
         raw_model.zero_grad(set_to_none=True)
         raw_model.load_state_dict(initial_state)
         batches.reset()
@@ -1141,7 +1211,7 @@ def train(cfg: Config, device, rank: int, world: int, log: "RunLog", started: fl
             sync()
             train_ms += 1000 * (time.perf_counter() - t0)
             val_windows = (windows[0], cfg.window_final_val) if last else windows
-            log.val(step, total_steps, evaluate(model, val_data, val_windows, device), train_ms)
+            log.val(step, stop, total_steps, evaluate(model, val_data, val_windows, device), train_ms)
             sync()
             t0 = time.perf_counter()
         if last:
@@ -1150,12 +1220,12 @@ def train(cfg: Config, device, rank: int, world: int, log: "RunLog", started: fl
         if new_long != windows[1]:
             raw_model.rotary.extend_window(windows[1], new_long)
             windows = (new_long // 2, new_long)
-        check.push(f"step {step + 1}", train_step(cfg, model, optimizers, batches, grad_accum, step, windows))
-        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-        log.line(f"step:{step + 1}/{total_steps} train_time:{elapsed:.0f}ms step_avg:{elapsed / (step + 1):.2f}ms")
-    log.finish(stop, train_ms, peak_memory(device))
+        loss = train_step(cfg, model, optimizers, batches, grad_accum, step, windows) / micro_tokens  # per token
+        check.push(f"step {step + 1}", loss)
+        log.step(step + 1, total_steps, train_ms + 1000 * (time.perf_counter() - t0), check.latest)
     if cfg.checkpoint and rank == 0:
         torch.save(raw_model.state_dict(), cfg.checkpoint)
+    log.finish(stop, train_ms, peak_memory(device))
     dist.barrier()  # no rank tears the group down while another is still in a collective
 
 
@@ -1167,30 +1237,49 @@ def peak_memory(device) -> tuple[int, int]:
     return rss, rss
 
 
-def stop_on_sigterm(signum, frame):
-    raise TrainingError("terminated by SIGTERM (torchrun stops every rank when one fails: see the output of the failing rank)")
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM: the run stops where it is and its record says so. Not an Exception, like
+    KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop_on_signal(signum, frame):
+    signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
+    raise Interrupted(signum)
 
 
 def main(argv=None) -> int:
     started = time.perf_counter()
-    log = None
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop_on_signal)
+    rank, log = int(os.environ.get("RANK", 0)), None
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
         device, rank, world = setup_device(cfg)
+        inputs = agreed(lambda: check_inputs(cfg, rank, world, device))
         log = RunLog(cfg, rank, world, device)
-        train(cfg, device, rank, world, log, started)
+        train(cfg, device, rank, world, inputs, log, started)
         return 0
+    except Interrupted as e:
+        if log is not None:
+            log.interrupt(e)
+        elif rank == 0:
+            print(f"interrupted by {e} before the run started; no record written", file=sys.stderr, flush=True)
+        return 128 + e.signum
     except (UserError, TrainingError) as e:
-        if isinstance(e, TrainingError) or int(os.environ.get("RANK", 0)) == 0:  # input errors are the same on every rank
+        if isinstance(e, TrainingError) or rank == 0:  # input errors are the same on every rank (see agreed)
             print(f"error: {e}", file=sys.stderr, flush=True)
         if log is not None:
             log.fail(f"error: {e}")
         return 2 if isinstance(e, UserError) else 1
-    except BaseException:
+    except Exception:
+        traceback.print_exc()
         if log is not None:
             log.fail(traceback.format_exc())
-        raise
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -1217,15 +1306,18 @@ def hardware_report() -> str:
 
 
 class RunLog:
+    """The record files of rank 0; on other ranks every method does nothing. The .json is rewritten at each
+    validation and when the run ends; `steps_done` follows the step lines."""
+
     def __init__(self, cfg: Config, rank: int, world: int, device):
         self.enabled = rank == 0
         if not self.enabled:
             return
+        self.batch_tokens = cfg.train_batch_tokens
         started = datetime.datetime.now(datetime.timezone.utc)
         run_id = uuid.uuid4().hex[:8]
         stem = f"{started:%Y-%m-%d_%H-%M-%S}_{run_id}"
-        folder = Path(cfg.log_dir)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = Path(cfg.log_dir)  # made by check_output_folders
         self.txt_path, self.json_path = folder / f"{stem}.txt", folder / f"{stem}.json"
         env = environment(device, world)
         self.record = {"format": "train_gpt-record/1", "run_id": run_id, "status": "running",
@@ -1242,42 +1334,75 @@ class RunLog:
         self.file.flush()
         self._write_json()
 
-    def line(self, text: str, echo: bool = True):
+    def line(self, text: str):
+        """To the file first: a line on the screen is in the record when an interrupt comes after it."""
         if not self.enabled:
             return
-        if echo:
-            print(text, flush=True)
         self.file.write(text + "\n")
         self.file.flush()
+        print(text, flush=True)
 
     def startup(self, seconds: float):
         self.line(f"ready to train {seconds:.1f}s after start (data, model, warm-up and compilation)")
         if self.enabled:
             self.record["startup_s"] = seconds
 
-    def val(self, step: int, total_steps: int, loss: float, train_ms: float):
-        self.line(f"step:{step}/{total_steps} val_loss:{loss:.4f} train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
-        if self.enabled:
-            self.record["val"].append({"step": step, "val_loss": loss, "train_time_ms": train_ms})
-            self.record["steps_done"] = step
-            self._write_json()
+    def step(self, step: int, total_steps: int, train_ms: float, loss: float | None):
+        """The public step line, then the newest training loss read (None before the first) and the throughput."""
+        if not self.enabled:
+            return
+        loss_part = "" if loss is None else f" train_loss:{loss:.4f}"
+        tokens_per_s = self.batch_tokens * step / max(train_ms / 1000, 1e-9)
+        self.record["steps_done"] = step
+        self.line(f"step:{step}/{total_steps} train_time:{train_ms:.0f}ms step_avg:{train_ms / step:.2f}ms"
+                  f"{loss_part} tokens/s:{tokens_per_s:.0f}")
+
+    def val(self, step: int, stop: int, total_steps: int, loss: float, train_ms: float):
+        """The public validation line, with the training time still to go before `stop` when it can be told."""
+        if not self.enabled:
+            return
+        eta = f" eta:{(stop - step) * train_ms / step / 1000:.0f}s" if 0 < step < stop else ""
+        self.line(f"step:{step}/{total_steps} val_loss:{loss:.4f} train_time:{train_ms:.0f}ms "
+                  f"step_avg:{train_ms / max(step, 1):.2f}ms{eta}")
+        self.record["val"].append({"step": step, "val_loss": loss, "train_time_ms": train_ms})
+        self._write_json()
 
     def finish(self, steps: int, train_ms: float, memory: tuple[int, int]):
+        if not self.enabled:
+            return
         self.line(f"peak memory allocated: {memory[0]} MiB reserved: {memory[1]} MiB")
-        if self.enabled:
-            self.record.update(status="finished", steps_done=steps, final_val_loss=self.record["val"][-1]["val_loss"],
-                               train_time_ms=train_ms, step_avg_ms=train_ms / max(steps, 1),
-                               peak_memory_allocated_mib=memory[0], peak_memory_reserved_mib=memory[1])
-            self._write_json()
-            self.file.close()
+        final = self.record["val"][-1]["val_loss"]
+        self.record.update(status="finished", steps_done=steps, final_val_loss=final, train_time_ms=train_ms,
+                           step_avg_ms=train_ms / max(steps, 1), peak_memory_allocated_mib=memory[0],
+                           peak_memory_reserved_mib=memory[1])
+        self._write_json()
+        self.line(f"finished: val_loss {final:.4f} after {steps} steps, {train_ms / 1000:.1f}s of training, "
+                  f"{self.record['startup_s']:.1f}s of start-up; record: {self.txt_path}")
+        self.file.close()
 
     def fail(self, message: str):
-        if not self.enabled or self.file.closed:
+        if self.open:
+            self._stop("failed", message, f"failed after step {self.record['steps_done']}; record: {self.txt_path}")
+
+    def interrupt(self, reason: Interrupted):
+        if not self.open:
             return
-        self.line(message.rstrip(), echo=False)
-        self.record.update(status="failed", error=message)
+        summary = f"interrupted at step {self.record['steps_done']}; record: {self.txt_path}"
+        if reason.signum == signal.SIGTERM and "TORCHELASTIC_RUN_ID" in os.environ:
+            summary += " (torchrun also stops the other ranks this way when one fails: see its error above)"
+        self._stop("interrupted", f"interrupted by {reason}", summary)
+
+    @property
+    def open(self) -> bool:
+        return self.enabled and not self.file.closed
+
+    def _stop(self, status: str, error: str, summary: str):
+        """End both files of a run that stops early; stderr gets where it stopped and where its record is."""
+        self.record.update(status=status, error=error)
         self._write_json()
+        self.file.write(f"{error.rstrip()}\n{summary}\n")
         self.file.close()
+        print(summary, file=sys.stderr, flush=True)
 
     def _write_json(self):
         tmp = self.json_path.with_suffix(".json.tmp")

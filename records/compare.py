@@ -28,9 +28,11 @@ SEPARATOR = "=" * 100                   # ends the trainer's source code at the 
 
 # Only whole lines that match these count: the source code above the separator holds the same
 # format strings inside f-strings.
+# Fields after the public ones (training loss, tokens/s, ETA) are allowed and ignored.
 _NUM = r"(\d+(?:\.\d+)?|nan)"
-VAL_LINE = re.compile(rf"step:(\d+)/(\d+) val_loss:{_NUM} train_time:(\d+(?:\.\d+)?)ms step_avg:{_NUM}ms")
-TRAIN_LINE = re.compile(rf"step:(\d+)/(\d+) train_time:(\d+(?:\.\d+)?)ms step_avg:{_NUM}ms")
+_MORE = r"(?: \S+)*"
+VAL_LINE = re.compile(rf"step:(\d+)/(\d+) val_loss:{_NUM} train_time:(\d+(?:\.\d+)?)ms step_avg:{_NUM}ms{_MORE}")
+TRAIN_LINE = re.compile(rf"step:(\d+)/(\d+) train_time:(\d+(?:\.\d+)?)ms step_avg:{_NUM}ms{_MORE}")
 PEAK_LINE = re.compile(r"peak memory allocated: (\d+) MiB reserved: (\d+) MiB")
 
 RUN_HELP = ("a record file written by train_gpt.py (.json, or its .txt log), a log in the public speedrun "
