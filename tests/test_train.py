@@ -420,16 +420,29 @@ def test_run_sh_with_gpus_launches_torchrun_on_the_local_shards(shards, tmp_path
     assert record["config"]["train_files"] == f"{data}/fineweb_train_*.bin"
 
 
-def test_run_sh_without_a_gpu_runs_the_tiny_preset(tmp_path):
-    """The main job's CPU branch, cut short: it makes its synthetic shards and leaves a record."""
+def test_run_sh_without_a_gpu_runs_the_tiny_preset_once_per_seed(tmp_path):
+    """The main job's CPU branch, cut short, with --runs=2: it makes its synthetic shards and leaves a record per
+    run, each with its own seed."""
     env = fake_nvidia_smi(tmp_path, 0)  # whatever the machine has, no GPU answers
-    result = subprocess.run([str(ROOT / "run.sh"), "--max_steps=3", f"--log_dir={tmp_path / 'logs'}"], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([str(ROOT / "run.sh"), "--max_steps=2", "--runs", "2", f"--log_dir={tmp_path / 'logs'}"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("No NVIDIA GPU found: running the tiny preset")
-    record, text = record_of(tmp_path)
-    assert record["status"] == "finished" and record["config"]["preset"] == "tiny"
-    assert record["config"]["train_files"] == "data/synthetic/train_*.bin" and "step:3/320 val_loss:" in text
+    assert "run 1 of 2, seed 0" in result.stdout and "run 2 of 2, seed 1" in result.stdout
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "logs").glob("*.json"))]
+    assert sorted(r["config"]["seed"] for r in records) == [0, 1]
+    for record in records:
+        assert record["status"] == "finished" and record["config"]["preset"] == "tiny" and record["steps_done"] == 2
+        assert record["config"]["train_files"] == "data/synthetic/train_*.bin"
+    assert records[0]["final_val_loss"] != records[1]["final_val_loss"]
+
+
+@pytest.mark.parametrize("runs", ["0", "two", ""])
+def test_run_sh_refuses_a_bad_number_of_runs(tmp_path, runs):
+    result = subprocess.run([str(ROOT / "run.sh"), "--runs=" + runs], cwd=tmp_path, env=fake_nvidia_smi(tmp_path, 0),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"error: --runs={runs}: give the number of runs as a positive whole number, e.g. --runs=5\n"
 
 
 def final_state(tmp_path, shards, name, nproc=1, *extra):
