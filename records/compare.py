@@ -551,56 +551,59 @@ def loss_range(losses: list[float]) -> tuple[float, float]:
     return low - margin, high + margin
 
 
-def draw_runs(ax, sets: list[RunSet], x_of) -> None:
-    """Each run's curve in its set's colour; incomplete runs dashed, runs with only a final loss as dots."""
+def draw_runs(ax, sets: list[RunSet]) -> None:
+    """Each run's curve in its set's colour; unfinished runs dashed, runs with only a final loss as dots."""
     for i, runset in enumerate(sets):
         for run in runset.runs:
             points = run.val or [run.final]
-            ax.plot([x_of(p) for p in points], [p.val_loss for p in points], color=f"C{i % 10}",
+            ax.plot([p.step for p in points], [p.val_loss for p in points], color=f"C{i % 10}",
                     linestyle="--" if run.incomplete else "-", marker="o" if len(points) == 1 else None,
                     linewidth=1.2, markersize=4, alpha=0.7)
-    ax.axhline(TARGET_LOSS, color="black", linestyle=":", linewidth=1)
     ax.grid(alpha=0.3)
 
 
-def plot(sets: list[RunSet], out: Path) -> None:
-    """Validation loss against step and against training time, each with a zoom on the last stretch."""
+def figure(sets: list[RunSet]):
+    """Validation loss against step: whole curves from step 0 on the left, the last third of the steps on the
+    right, each scaled to what it shows; the target line only where it falls inside a panel."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
     fig = Figure(figsize=(12, 5.5), dpi=100, layout="constrained")
+    points = [p for s in sets for r in s.runs for p in (r.val or [r.final])]
+    end = max(max(p.step for p in points), 1)
+    start = 2 * end / 3
+    full, last = fig.subplots(1, 2)
+    target_shown = False
+    for ax, left, title in ((full, 0, "whole run"), (last, start, "last third")):
+        draw_runs(ax, sets)
+        ax.set_xlim(left - 0.02 * end, 1.02 * end)
+        ax.set_ylim(*loss_range([p.val_loss for p in points if p.step >= left]))
+        low, high = ax.get_ylim()
+        if low <= TARGET_LOSS <= high:
+            ax.axhline(TARGET_LOSS, color="black", linestyle=":", linewidth=1)
+            target_shown = True
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    full.set_ylabel("validation loss")
+    handles = [Line2D([], [], color=f"C{i % 10}", label=f"{s.name} ({plural(len(s.runs), 'run')})")
+               for i, s in enumerate(sets)]
+    if target_shown:
+        handles.append(Line2D([], [], color="black", linestyle=":", label=f"target {TARGET_LOSS}"))
+    if any(r.incomplete for s in sets for r in s.runs):
+        handles.append(Line2D([], [], color="gray", linestyle="--", label="unfinished run"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles))
+    fig.suptitle("validation loss" + (f", baseline {sets[-1].name}" if len(sets) > 1 else ""))
+    return fig
+
+
+def plot(sets: list[RunSet], out: Path) -> None:
+    fig = figure(sets)
     formats = fig.canvas.get_supported_filetypes()
     if out.suffix[1:] not in formats:
         raise RecordError(f"{out}: cannot write a {out.suffix or 'suffix-less'} image; end the name with "
                           f"one of {', '.join('.' + f for f in sorted(formats))}, e.g. curves.png")
     if not out.parent.is_dir():
         raise RecordError(f"{out}: folder {out.parent} does not exist; create it or choose another -o path")
-    points = [p for s in sets for r in s.runs for p in (r.val or [r.final])]
-    # The step-0 loss (about ln(vocab)) would flatten everything else: scale to the later points.
-    later = [p.val_loss for p in points if p.step > 0] or [p.val_loss for p in points]
-    panels = fig.subplots(1, 2, sharey=True)
-    for ax, xlabel, x_of in ((panels[0], "step", lambda p: p.step),
-                             (panels[1], "training time (s)", lambda p: p.train_time_ms / 1000)):
-        draw_runs(ax, sets, x_of)
-        ax.set_xlabel(xlabel)
-        # Zoom on the finishes: from a little before the earliest finished run's end to the last point.
-        end = max(x_of(p) for p in points)
-        finishes = [x_of(r.final) for s in sets for r in s.runs if not r.incomplete] or [end]
-        left = min(finishes) - 0.12 * end
-        zoom = ax.inset_axes([0.45, 0.45, 0.52, 0.52])
-        draw_runs(zoom, sets, x_of)
-        zoom.set_xlim(left, 1.01 * end + 1e-9)
-        zoom.set_ylim(*loss_range([p.val_loss for p in points if x_of(p) >= left]))
-        zoom.tick_params(labelsize=8)
-        ax.indicate_inset_zoom(zoom, edgecolor="gray")
-    panels[0].set_ylim(*loss_range(later))
-    panels[0].set_ylabel("validation loss")
-    handles = [Line2D([], [], color=f"C{i % 10}", label=f"{s.name} ({len(s.runs)} runs)") for i, s in enumerate(sets)]
-    handles.append(Line2D([], [], color="black", linestyle=":", label=f"target {TARGET_LOSS}"))
-    if any(r.incomplete for s in sets for r in s.runs):
-        handles.append(Line2D([], [], color="gray", linestyle="--", label="unfinished run"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles))
-    fig.suptitle("validation loss" + (f", baseline {sets[-1].name}" if len(sets) > 1 else ""))
     write_atomically(out, lambda f: fig.savefig(f, format=out.suffix[1:]))
 
 
@@ -693,9 +696,10 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (summary, diffing):
         add_allow_incomplete(sub)
         sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    plotting = add("plot", "plot validation loss against step and training time",
-                   "Plot the validation loss of the RUNs (and the baseline) against step and against training "
-                   "time. Unfinished runs are drawn dashed; runs with only a published final loss as dots.")
+    plotting = add("plot", "plot validation loss against step",
+                   "Plot the validation loss of the RUNs (and the baseline) against step: the whole curves, and "
+                   f"the last third of the steps near {TARGET_LOSS}. Unfinished runs are drawn dashed; runs with "
+                   "only a published final loss as dots.")
     plotting.add_argument("--baseline", metavar="NAME_OR_PATH",
                           help="runs to draw in a second colour, as a RUN: record43, record42 or a path")
     plotting.add_argument("-o", "--output", required=True, metavar="FILE.png", help="image to write (.png, .svg, .pdf)")

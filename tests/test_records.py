@@ -567,3 +567,33 @@ def test_plot_refuses_bad_output(tmp_path):
     assert_refused(["plot", ROOT / "records/record43", "-o", no_folder], no_folder, "does not exist")
     assert list(tmp_path.iterdir()) == []
 
+
+def panels(sets):
+    fig = compare.figure(sets)
+    full, last = fig.axes
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    return full, last, legend
+
+
+def target_lines(ax) -> int:
+    return sum(list(line.get_ydata()) == [compare.TARGET_LOSS] * 2 for line in ax.get_lines())
+
+
+def test_plot_shows_the_whole_curve_and_the_last_third_without_insets(tmp_path):
+    write_run(tmp_path / "runs", "done", curve(3.2790))
+    full, last, legend = panels([compare.load_set([str(tmp_path / "runs")], False), compare.load_set(["record43"], False)])
+    assert full.child_axes == [] and last.child_axes == []  # no inset drawn over the curves
+    assert full.get_xlim()[0] <= 0 and full.get_ylim()[1] >= 10.8258  # step 0 and its loss are in view
+    assert 2245 * 2 / 3 - 50 <= last.get_xlim()[0] <= 2245 * 2 / 3 and last.get_xlim()[1] >= 2245
+    low, high = last.get_ylim()
+    assert low < 3.2771 and 3.4421 <= high < 3.6  # the finish near 3.28, from record 43's step-1500 point
+    assert target_lines(full) == target_lines(last) == 1
+    assert legend == ["runs (1 run)", "record43 (10 runs)", "target 3.28"]
+
+
+def test_plot_draws_the_target_only_where_it_is_in_view(tmp_path):
+    write_run(tmp_path, "tiny", {0: 6.93, 50: 5.2, 100: 4.5}, num_steps=100)
+    write_run(tmp_path, "cut", {0: 6.93, 50: 5.3}, num_steps=100, last_step=60, status="interrupted")
+    full, last, legend = panels([compare.load_set([str(tmp_path)], True)])
+    assert target_lines(full) == target_lines(last) == 0
+    assert legend == [f"{tmp_path.name} (2 runs)", "unfinished run"]
