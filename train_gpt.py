@@ -123,11 +123,13 @@ class Config:
 PRESETS = {
     "record43": {},
     "record42": dict(num_scheduled_iterations=2245, weight_decay=0.0),
+    # a smoke run that learns: about 2 minutes on a CPU core, val loss 6.93 -> about 4.7 (data/synthetic.py shards)
     "tiny": dict(train_files="data/synthetic/train_*.bin", val_files="data/synthetic/val_*.bin",
                  vocab_size=1024, model_dim=64, num_heads=2, head_dim=32,
-                 train_batch_tokens=8 * 256, micro_batch_tokens=256, val_seq_tokens=1024, val_tokens=16 * 1024,
-                 max_doc_tokens=256, window_block=16, num_scheduled_iterations=300, num_extension_iterations=20,
-                 momentum_warmup_steps=30, momentum_cooldown_steps=5, warmup_steps=4, val_loss_every=50),
+                 train_batch_tokens=8 * 256, micro_batch_tokens=256, val_seq_tokens=512, val_tokens=16 * 512,
+                 max_doc_tokens=256, window_block=16, num_scheduled_iterations=72, num_extension_iterations=8,
+                 adam_lr=0.03, embed_lr_mul=20.0, momentum_warmup_steps=30, momentum_cooldown_steps=5,
+                 warmup_steps=4, val_loss_every=20),
 }
 CHOICES = {"preset": tuple(PRESETS), "device": ("auto", "cuda", "cpu"), "compile": ("auto", "on", "off"),
            "weight_decay_mode": ("cautious", "decoupled", "none")}

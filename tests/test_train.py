@@ -237,7 +237,7 @@ def test_shard_contents_are_checked_on_load(tmp_path):
 
 
 def test_validation_chunks_do_not_depend_on_the_world_size(shards):
-    cfg = tg.parse_config(["--preset=tiny", "--val_tokens=8192"])
+    cfg = tg.parse_config(["--preset=tiny", "--val_seq_tokens=1024", "--val_tokens=8192"])
     files = tg.list_shards(str(shards / "val_*.bin"), "val_files")
     cpu = torch.device("cpu")
     single = [b[0].tolist() for b in tg.val_batches(files, cfg, 0, 1, cpu)]
@@ -312,7 +312,7 @@ def test_a_non_finite_loss_stops_the_run_with_its_step(shards, tmp_path):
     assert record["status"] == "failed" and record["steps_done"] == step - 1
     assert f"step {step}: training loss is nan" in record["error"]
     assert text.rstrip().splitlines()[-2:] == [error, where]
-    assert f"step:{step - 1}/320 train_time" in text and f"step:{step}/320 train_time" not in text
+    assert f"step:{step - 1}/80 train_time" in text and f"step:{step}/80 train_time" not in text
 
 
 def step_lines(text: str) -> list[str]:
@@ -366,6 +366,7 @@ def test_tiny_preset_trains_and_writes_its_record(shards, tmp_path):
         assert list(fields) == ["step", "train_time", "step_avg", "train_loss", "tokens/s"]
         assert fields["step"] == f"{step}/40" and fields["train_time"].endswith("ms")
         assert 0 < float(fields["train_loss"]) < 7.5 and float(fields["tokens/s"]) > 0
+    assert float(steps[-1].split("train_loss:")[1].split()[0]) < float(steps[0].split("train_loss:")[1].split()[0]) - 1
     assert lines[-2].startswith("peak memory allocated: ") and lines[-2].endswith(" MiB")
     assert lines[-1] == (f"finished: val_loss {record['final_val_loss']:.4f} after 40 steps, "
                          f"{record['train_time_ms'] / 1000:.1f}s of training, {record['startup_s']:.1f}s of start-up; "
@@ -375,7 +376,7 @@ def test_tiny_preset_trains_and_writes_its_record(shards, tmp_path):
     assert [v["step"] for v in record["val"]] == [0, 20, 40]
     losses = [v["val_loss"] for v in record["val"]]
     assert abs(losses[0] - np.log(VOCAB)) < 0.01  # a zero lm_head predicts uniformly
-    assert losses[2] < losses[1] < losses[0]
+    assert 5.35 < losses[2] < 5.55  # measured 5.45 (the whole tiny preset, 80 steps: about 4.7)
     assert val_lines[-1].split()[1] == f"val_loss:{losses[-1]:.4f}" and record["final_val_loss"] == losses[-1]
     assert record["steps_done"] == 40 and record["num_steps"] == 40
     assert record["train_time_ms"] > 0 and abs(record["step_avg_ms"] - record["train_time_ms"] / 40) < 1e-6
