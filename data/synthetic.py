@@ -1,9 +1,10 @@
 """Write synthetic token shards for tests, smoke runs and benchmarks.
 
 Documents start with BOS (= vocab_size - 1) and have FineWeb-like lengths: lognormal, median 400 tokens, about 5%
-longer than 2048. Each document has one of 16 topics; each next token is the previous one plus one of the topic's 8
-offsets (Zipf-weighted), modulo vocab_size - 1. The previous token alone narrows the next to at most 128 choices
-(~4.6 nats); inferring the topic from the context narrows it to 8 (~1.8 nats); chance is ln(vocab_size).
+longer than 2048. Each document has one of 4 topics; each next token is the previous one plus one of the topic's 8
+offsets (Zipf-weighted), modulo vocab_size - 1. The previous token alone narrows the next to at most 32 choices
+(~3.2 nats); inferring the topic from the context narrows it to 8 (~1.8 nats); chance is ln(vocab_size). Few topics
+keep the bigram table small enough for the tiny preset to learn much of it in a few minutes on a CPU.
 
     python data/synthetic.py --vocab_size 1024                     # the tiny preset
     python data/synthetic.py --vocab_size 50257 --train_shards 4   # a 150-step record-shaped benchmark
@@ -21,7 +22,7 @@ from data.shards import MAX_TOKEN_ID, is_valid_shard, read_shard, write_shard
 from train_gpt import UserError
 
 MEDIAN_DOC_TOKENS, DOC_LENGTH_SIGMA = 400, 1.0
-NUM_TOPICS, OFFSETS_PER_TOPIC = 16, 8
+NUM_TOPICS, OFFSETS_PER_TOPIC = 4, 8
 OFFSET_PROBS = 1 / np.arange(1, OFFSETS_PER_TOPIC + 1)
 OFFSET_PROBS /= OFFSET_PROBS.sum()
 MIN_VOCAB = OFFSETS_PER_TOPIC + 2  # BOS plus room for distinct offsets
@@ -103,7 +104,7 @@ def main(argv=None) -> None:
                         help="number of train shards (default 1; use 4 for a 150-step record-shaped benchmark, "
                              "which reads about 44M tokens since documents are cut at 2048)")
     parser.add_argument("--train_tokens_per_shard", type=int, default=2**24,
-                        help="tokens per train shard (default 2^24 = 16,777,216; the tiny preset reads about 8M as "
+                        help="tokens per train shard (default 2^24 = 16,777,216; the tiny preset reads about 0.5M as "
                              "it keeps only the first 256 tokens of each document)")
     parser.add_argument("--val_tokens", type=int, default=10_500_000,
                         help="tokens in val_000000.bin (default 10,500,000: the record's 10,485,760-token "

@@ -1,8 +1,10 @@
-"""Summarise and compare speedrun runs: final-loss statistics, validation curves side by side, plots.
+"""Summarise and compare speedrun runs: final-loss statistics, validation curves side by side, plots, and
+baselines of your own.
 
     python records/compare.py summary logs/
     python records/compare.py diff logs/ --baseline record43
     python records/compare.py plot logs/ --baseline record43 -o curves.png
+    python records/compare.py record logs/baseline --name mybox
 
 A RUN is a record written by train_gpt.py (logs/<stem>.json, or the .txt log beside it), a log in the
 speedrun's public text format, the figures.json of a published record, or a folder holding such files.
@@ -12,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -28,10 +31,19 @@ SEPARATOR = "=" * 100                   # ends the trainer's source code at the 
 
 # Only whole lines that match these count: the source code above the separator holds the same
 # format strings inside f-strings.
+# Fields after the public ones (training loss, tokens/s, ETA) are allowed and ignored.
 _NUM = r"(\d+(?:\.\d+)?|nan)"
-VAL_LINE = re.compile(rf"step:(\d+)/(\d+) val_loss:{_NUM} train_time:(\d+(?:\.\d+)?)ms step_avg:{_NUM}ms")
-TRAIN_LINE = re.compile(rf"step:(\d+)/(\d+) train_time:(\d+(?:\.\d+)?)ms step_avg:{_NUM}ms")
+_MORE = r"(?: \S+)*"
+VAL_LINE = re.compile(rf"step:(\d+)/(\d+) val_loss:{_NUM} train_time:(\d+(?:\.\d+)?)ms step_avg:{_NUM}ms{_MORE}")
+TRAIN_LINE = re.compile(rf"step:(\d+)/(\d+) train_time:(\d+(?:\.\d+)?)ms step_avg:{_NUM}ms{_MORE}")
 PEAK_LINE = re.compile(r"peak memory allocated: (\d+) MiB reserved: (\d+) MiB")
+CONFIG_LINE = "config: "                # train_gpt.py's configuration as JSON, in the log's header
+
+# What changes a run's numbers beside the idea under test: the fields compared between runs, in report order,
+# and the configuration keys they come from.
+SETUP_FIELDS = ("preset", "steps", "model", "batch", "vocabulary", "data", "hardware")
+SETUP_KEYS = ("preset", "max_steps", "model_dim", "num_heads", "head_dim", "train_batch_tokens", "vocab_size",
+              "train_files", "val_files", "val_tokens")
 
 RUN_HELP = ("a record file written by train_gpt.py (.json, or its .txt log), a log in the public speedrun "
             "format ('step:S/N val_loss:L train_time:Tms step_avg:Ams' lines), a figures.json of a "
@@ -57,10 +69,15 @@ class Run:
     num_steps: int                   # N: scheduled plus extension steps
     steps_done: int
     final: ValPoint                  # the last validation: a run's final loss and time
-    hardware: str
+    hardware: str | None             # None where the source does not tell
     val: list[ValPoint] = field(default_factory=list)   # empty where only final figures are published
     incomplete: str | None = None    # why the run did not finish; None for a finished run
     peak_memory_mib: tuple[int, int] | None = None      # (allocated, reserved)
+    config: dict | None = None       # its SETUP_KEYS, where the source tells them
+
+    @property
+    def setup(self) -> dict[str, str]:
+        return describe_setup(self.config, self.num_steps, self.hardware)
 
 
 @dataclass
@@ -72,12 +89,18 @@ class Timing:
 @dataclass
 class RunSet:
     name: str
-    runs: list[Run]
+    runs: list[Run]                  # finished runs, and unfinished ones where allowed (for their curves)
     other_timings: list[Timing]      # published timings of a record taken apart from its runs
 
     @property
+    def finished(self) -> list[Run]:
+        """The runs whose final losses and times count in the statistics."""
+        return [r for r in self.runs if not r.incomplete]
+
+    @property
     def timings(self) -> list[Timing]:
-        return [Timing("all runs", [r.final.train_time_ms / 1000 for r in self.runs])] + self.other_timings
+        own = [Timing("all runs", [r.final.train_time_ms / 1000 for r in self.finished])] if self.finished else []
+        return own + self.other_timings
 
 
 # -----------------------------------------------------------------------------
@@ -100,6 +123,40 @@ def parse_points(items) -> list[ValPoint]:
     return [ValPoint(int(p["step"]), float(p["val_loss"]), float(p["train_time_ms"])) for p in items]
 
 
+def setup_config(config) -> dict | None:
+    """The SETUP_KEYS of a configuration; None where it lacks one (a record of another version, a public log)."""
+    if not isinstance(config, dict) or any(key not in config for key in SETUP_KEYS):
+        return None
+    return {key: config[key] for key in SETUP_KEYS}
+
+
+def describe_setup(config: dict | None, num_steps: int, hardware: str | None) -> dict[str, str]:
+    """A run's SETUP_FIELDS as text; a field its source does not tell is left out (a public log tells only its
+    steps)."""
+    setup = {"steps": str(num_steps)}
+    if config is not None:
+        c = config
+        if c["max_steps"] and c["max_steps"] < num_steps:
+            setup["steps"] = f"{c['max_steps']} of {num_steps}"
+        setup.update(preset=str(c["preset"]), model=f"dim {c['model_dim']}, {c['num_heads']} heads of {c['head_dim']}",
+                     batch=f"{c['train_batch_tokens']} tokens", vocabulary=str(c["vocab_size"]),
+                     data=f"{Path(c['train_files']).name} + {Path(c['val_files']).name} ({c['val_tokens']} val tokens)")
+    if hardware is not None:
+        setup["hardware"] = hardware
+    return {name: setup[name] for name in SETUP_FIELDS if name in setup}
+
+
+def config_of_log(lines: list[str]) -> dict | None:
+    """The configuration in the header of a train_gpt.py log; None for other logs."""
+    for line in lines:
+        if line.startswith(CONFIG_LINE):
+            try:
+                return setup_config(json.loads(line[len(CONFIG_LINE):]))
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
 def run_from_log(path: Path) -> Run:
     """A .txt log: ours (source code, separator, header, log lines) or a public speedrun log."""
     lines = read_text(path).splitlines()
@@ -114,16 +171,14 @@ def run_from_log(path: Path) -> Run:
             if m.re is VAL_LINE:
                 val.append(ValPoint(steps_done, float(m[3]), float(m[4])))
     if num_steps is None:
-        raise RecordError(f"{path}: not a record: no 'step:S/N ...' log line in it; pass a .json/.txt record "
-                          "written by train_gpt.py, a public speedrun log, or a folder of them")
+        raise RecordError(f"{path}: not a record: no 'step:S/N ...' log line in it")
     if not val:
-        raise RecordError(f"{path}: no validation line ('step:S/N val_loss:L ...'): the run stopped before its "
-                          "first validation, so it has no loss to compare; leave this file out")
+        raise RecordError(f"{path}: no validation line: the run stopped before its first validation")
     # A run stopped early on purpose (max_steps) still reaches the closing peak-memory line.
     incomplete = None
     if val[-1].step < num_steps and peak is None:
         incomplete = f"log ends at step {steps_done} of {num_steps}, before the final validation"
-    return Run(path.stem, path, num_steps, steps_done, val[-1], "unknown", val, incomplete, peak)
+    return Run(path.stem, path, num_steps, steps_done, val[-1], None, val, incomplete, peak, config_of_log(lines))
 
 
 def run_from_record(path: Path, data: dict) -> Run:
@@ -134,17 +189,17 @@ def run_from_record(path: Path, data: dict) -> Run:
         hardware = f"{env['world_size']}x {env['gpu'] or env['device']}"
         allocated, reserved = data["peak_memory_allocated_mib"], data["peak_memory_reserved_mib"]
         name = str(data["run_id"])
+        config = setup_config(data.get("config"))
     except (KeyError, TypeError, ValueError) as e:
         raise RecordError(f"{path}: damaged record, field {e} is missing or malformed; {damaged_fix(path)}")
-    if status not in ("finished", "running", "failed"):
-        raise RecordError(f"{path}: damaged record, status {status!r} is not finished, running or failed; "
-                          f"{damaged_fix(path)}")
+    if status not in ("finished", "running", "failed", "interrupted"):
+        raise RecordError(f"{path}: damaged record, status {status!r} is not finished, running, failed or "
+                          f"interrupted; {damaged_fix(path)}")
     if not val:
-        raise RecordError(f"{path}: no validation point ('val' is empty): the run stopped before its first "
-                          "validation, so it has no loss to compare; leave this file out")
-    incomplete = None if status == "finished" else f"status '{status}' at step {steps_done} of {num_steps}"
+        raise RecordError(f"{path}: no validation point: the run {status} before its first validation")
+    incomplete = None if status == "finished" else f"{status} at step {steps_done} of {num_steps}"
     peak = None if allocated is None or reserved is None else (int(allocated), int(reserved))
-    return Run(name, path, num_steps, steps_done, val[-1], hardware, val, incomplete, peak)
+    return Run(name, path, num_steps, steps_done, val[-1], hardware, val, incomplete, peak, config)
 
 
 def runs_from_figures(path: Path, data: dict) -> RunSet:
@@ -153,17 +208,20 @@ def runs_from_figures(path: Path, data: dict) -> RunSet:
         name, hardware, num_steps = str(data["name"]), str(data["hardware"]), int(data["num_steps"])
         peak = data.get("peak_memory_mib")
         peak = None if peak is None else (int(peak["allocated"]), int(peak["reserved"]))
-        runs = [Run(f"{name} #{i}", path, num_steps, num_steps,
-                    ValPoint(num_steps, float(r["final_val_loss"]), 1000 * float(r["train_time_s"])),
-                    hardware, parse_points(r.get("val", [])), None, peak)
-                for i, r in enumerate(data["runs"], 1)]
+        config = setup_config(data.get("config"))
+        runs = []
+        for i, r in enumerate(data["runs"], 1):
+            val = parse_points(r.get("val", []))
+            final_step = val[-1].step if val else num_steps  # a run stopped by max_steps ends before num_steps
+            final = ValPoint(final_step, float(r["final_val_loss"]), 1000 * float(r["train_time_s"]))
+            runs.append(Run(f"{name} #{i}", path, num_steps, final_step, final, hardware, val, None, peak, config))
         timings = [Timing(str(t["label"]), [float(x) for x in t["train_times_s"]])
                    for t in data.get("other_timings", [])]
     except (KeyError, TypeError, ValueError) as e:
         raise RecordError(f"{path}: damaged figures file, field {e} is missing or malformed; "
                           "see records/README.md for the format")
     if not runs:
-        raise RecordError(f"{path}: the figures file lists no runs; add the published runs to 'runs'")
+        raise RecordError(f"{path}: the figures file lists no runs")
     return RunSet(name, runs, timings)
 
 
@@ -183,8 +241,7 @@ def load_file(path: Path) -> RunSet:
         return RunSet(run.name, [run], [])
     if kind == FIGURES_FORMAT:
         return runs_from_figures(path, data)
-    raise RecordError(f"{path}: not a record: JSON without \"format\": \"{RECORD_FORMAT}\" or "
-                      f"\"{FIGURES_FORMAT}\"; pass a record written by train_gpt.py or a figures.json")
+    raise RecordError(f"{path}: not a record: JSON without \"format\": \"{RECORD_FORMAT}\" or \"{FIGURES_FORMAT}\"")
 
 
 def resolve(name_or_path: str) -> Path:
@@ -225,28 +282,55 @@ def record_files(args: list[str]) -> list[tuple[Path, str | None]]:
 
 
 def load_set(args: list[str], allow_incomplete: bool) -> RunSet:
-    """The runs named by the arguments as one set; incomplete runs refused unless allowed."""
+    """The runs named by the arguments as one set. A file without a run to use (not a record, damaged, stopped
+    before its first validation, or unfinished unless allowed) is skipped with one line on stderr."""
     labels, runs, timings = [], [], []
     for path, folder in record_files(args):
-        loaded = load_file(path)
-        labels.append(folder or loaded.name)
-        runs += loaded.runs
-        timings += loaded.other_timings
-    incomplete = [r for r in runs if r.incomplete]
-    if incomplete and not allow_incomplete:
-        raise RecordError("\n".join(f"{r.source}: run {r.name} is incomplete ({r.incomplete}); pass "
-                                    "--allow-incomplete to use it anyway, or leave it out" for r in incomplete))
+        try:
+            loaded = load_file(path)
+        except RecordError as e:
+            print(f"skipped {e}", file=sys.stderr)
+            continue
+        for run in loaded.runs:
+            if run.incomplete and not allow_incomplete:
+                print(f"skipped {run.source}: {run.incomplete} (--allow-incomplete shows its curve, never in the "
+                      "statistics)", file=sys.stderr)
+        kept = [r for r in loaded.runs if allow_incomplete or not r.incomplete]
+        if kept:
+            labels.append(folder or loaded.name)
+            runs += kept
+            timings += loaded.other_timings
+    if not runs:
+        raise RecordError(f"no run to use in {', '.join(args)}: every file was skipped (see above)")
     labels = list(dict.fromkeys(labels))
     name = ", ".join(labels) if len(labels) <= 2 else f"{labels[0]} and {len(labels) - 1} more"
     return RunSet(name, runs, timings)
+
+
+def setup_warnings(sets: list[RunSet]) -> list[str]:
+    """One line per setup field in which the runs differ, among themselves or from the baseline (the second set):
+    their losses come from different experiments, or their times from different machines."""
+    lines = []
+    for name in SETUP_FIELDS:
+        values = [sorted({r.setup[name] for r in s.runs if name in r.setup}) for s in sets]
+        if len(set().union(*values)) < 2 or not all(values):
+            continue
+        texts = ["; ".join(v) for v in values]
+        if len(sets) == 1:
+            line = f"warning: the runs differ in {name}: {texts[0]}"
+        else:
+            line = f"warning: runs and baseline differ in {name}: runs {texts[0]} | baseline {texts[1]}"
+        lines.append(line + (" (times from different machines do not compare)" if name == "hardware" else ""))
+    return lines
 
 
 # -----------------------------------------------------------------------------
 # Statistics
 
 def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1 in the denominator, as torch.std); std is nan below 2 values."""
-    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else math.nan)
+    """Mean and sample standard deviation (n - 1 in the denominator, as torch.std); nan where undefined."""
+    mean = float(np.mean(values)) if values else math.nan
+    return mean, (float(np.std(values, ddof=1)) if len(values) > 1 else math.nan)
 
 
 def t_test_below(losses: list[float], target: float = TARGET_LOSS) -> dict:
@@ -289,17 +373,21 @@ def first_step_below(curve: list[tuple[int, float]], target: float = TARGET_LOSS
 # Reports: a dict (printed as JSON with --json) and its table
 
 def summarise(runset: RunSet) -> dict:
-    losses = [r.final.val_loss for r in runset.runs]
+    """Every run in the table; the statistics over the finished runs only."""
+    finished = runset.finished
+    losses = [r.final.val_loss for r in finished]
     loss_mean, loss_std = mean_std(losses)
     timings = []
     for t in runset.timings:
         mean, std = mean_std(t.times_s)
         timings.append({"label": t.label, "n": len(t.times_s), "mean_s": mean, "std_s": std})
-    peaks = [r.peak_memory_mib for r in runset.runs if r.peak_memory_mib]
+    peaks = [r.peak_memory_mib for r in finished if r.peak_memory_mib]
     return {
         "name": runset.name,
+        "warnings": setup_warnings([runset]),
         "num_runs": len(runset.runs),
-        "runs": [{"name": r.name, "source": str(r.source), "hardware": r.hardware, "num_steps": r.num_steps,
+        "num_finished": len(finished),
+        "runs": [{"name": r.name, "source": str(r.source), "hardware": r.hardware or "unknown", "num_steps": r.num_steps,
                   "steps_done": r.steps_done, "final_step": r.final.step, "final_val_loss": r.final.val_loss,
                   "train_time_s": r.final.train_time_ms / 1000,
                   "ms_per_step": r.final.train_time_ms / r.final.step if r.final.step else math.nan,
@@ -307,9 +395,9 @@ def summarise(runset: RunSet) -> dict:
         "val_loss": {"mean": loss_mean, "std": loss_std},
         "t_test_below_target": {"target": TARGET_LOSS, "alternative": "less", **t_test_below(losses)},
         "train_time": timings,
-        "hardware": sorted({r.hardware for r in runset.runs}),
+        "hardware": sorted({r.hardware or "unknown" for r in runset.runs}),
         "num_steps": sorted({r.num_steps for r in runset.runs}),
-        "ms_per_step": float(np.mean([r.final.train_time_ms / r.final.step for r in runset.runs if r.final.step]
+        "ms_per_step": float(np.mean([r.final.train_time_ms / r.final.step for r in finished if r.final.step]
                                      or [math.nan])),
         "peak_memory_mib": {"allocated": max(p[0] for p in peaks), "reserved": max(p[1] for p in peaks)}
         if peaks else None,
@@ -329,7 +417,7 @@ def diff(runs: RunSet, baseline: RunSet) -> dict:
         note = "the two sets share no validation step: comparing final losses and times only"
     else:
         note = None
-    a, b = [r.final.val_loss for r in runs.runs], [r.final.val_loss for r in baseline.runs]
+    a, b = [r.final.val_loss for r in runs.finished], [r.final.val_loss for r in baseline.finished]
     times = []
     for ta in runs.timings:
         for tb in baseline.timings:
@@ -337,23 +425,28 @@ def diff(runs: RunSet, baseline: RunSet) -> dict:
             times.append({"runs_timing": ta.label, "runs_n": len(ta.times_s), "runs_s": mean_a,
                           "baseline_timing": tb.label, "baseline_n": len(tb.times_s), "baseline_s": mean_b,
                           "diff_s": mean_a - mean_b, "diff_percent": 100 * (mean_a / mean_b - 1)})
-    sides = {key: {"name": s.name, "num_runs": len(s.runs), "incomplete": sum(bool(r.incomplete) for r in s.runs),
+    sides = {key: {"name": s.name, "num_runs": len(s.runs), "incomplete": len(s.runs) - len(s.finished),
                    "num_curves": sum(bool(r.val) for r in s.runs),
                    "first_step_at_target": first_step_below([(step, loss) for step, loss, _ in curves[key]])}
              for key, s in (("runs", runs), ("baseline", baseline))}
+    mean_a, mean_b = mean_std(a)[0], mean_std(b)[0]
     return {
         **sides,
+        "warnings": setup_warnings([runs, baseline]),
         "target": TARGET_LOSS,
         "note": note,
         "curve": shared,
-        "final_val_loss": {"runs": float(np.mean(a)), "baseline": float(np.mean(b)),
-                           "diff": float(np.mean(a) - np.mean(b)), "welch": welch(a, b)},
+        "final_val_loss": {"runs": mean_a, "baseline": mean_b, "diff": mean_a - mean_b, "welch": welch(a, b)},
         "train_time": times,
     }
 
 
 def fmt(x: float, spec: str) -> str:
     return "n/a" if math.isnan(x) else format(x, spec)
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' * (n != 1)}"
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -365,9 +458,11 @@ def render_summary(s: dict) -> str:
     rows = [[r["name"] + (" *" if r["incomplete"] else ""), f"{r['steps_done']}/{r['num_steps']}",
              fmt(r["final_val_loss"], ".4f"), fmt(r["train_time_s"], ".3f"), fmt(r["ms_per_step"], ".2f")]
             for r in s["runs"]]
-    out = [f"{s['name']}: {s['num_runs']} run{'s' * (s['num_runs'] != 1)}, hardware {', '.join(s['hardware'])}", "",
-           table(["run", "steps", "val loss", "time (s)", "ms/step"], rows)]
-    out += [f"* incomplete, {r['source']}: {r['incomplete']}" for r in s["runs"] if r["incomplete"]]
+    unfinished = s["num_runs"] - s["num_finished"]
+    counts = plural(s["num_runs"], "run") + (f" ({unfinished} unfinished)" if unfinished else "")
+    out = s["warnings"] + [f"{s['name']}: {counts}, hardware {', '.join(s['hardware'])}", "",
+                           table(["run", "steps", "val loss", "time (s)", "ms/step"], rows)]
+    out += [f"* unfinished, not in the statistics, {r['source']}: {r['incomplete']}" for r in s["runs"] if r["incomplete"]]
     t = s["t_test_below_target"]
     test = ("p = n/a  (the t-test needs at least 2 runs with different losses)" if math.isnan(t["p"]) else
             f"p = {t['p']:.4f}  (one-sided one-sample t-test, t = {t['t']:.3f}, {t['df']:.0f} df)")
@@ -385,9 +480,9 @@ def render_summary(s: dict) -> str:
 
 def render_diff(d: dict) -> str:
     def described(part):
-        incomplete = f", {part['incomplete']} incomplete" if part["incomplete"] else ""
-        return f"{part['name']} ({part['num_runs']} runs, {part['num_curves']} with a curve{incomplete})"
-    out = [f"runs:     {described(d['runs'])}", f"baseline: {described(d['baseline'])}", ""]
+        unfinished = f", {part['incomplete']} unfinished (curve only)" if part["incomplete"] else ""
+        return f"{part['name']} ({plural(part['num_runs'], 'run')}, {part['num_curves']} with a curve{unfinished})"
+    out = d["warnings"] + [f"runs:     {described(d['runs'])}", f"baseline: {described(d['baseline'])}", ""]
     if d["note"]:
         out += [d["note"], ""]
     else:
@@ -404,7 +499,8 @@ def render_diff(d: dict) -> str:
     f, w = d["final_val_loss"], d["final_val_loss"]["welch"]
     test = (f"Welch t = {w['t']:.3f}, {w['df']:.1f} df, p = {w['p']:.4f} (two-sided)" if not math.isnan(w["p"])
             else "Welch's t-test needs at least 2 runs in each set and some spread")
-    out += [f"final loss   runs {f['runs']:.4f}  baseline {f['baseline']:.4f}  diff {f['diff']:+.4f}  {test}", ""]
+    out += [f"final loss   runs {fmt(f['runs'], '.4f')}  baseline {fmt(f['baseline'], '.4f')}  "
+            f"diff {fmt(f['diff'], '+.4f')}  {test}", ""]
     rows = [[f"{t['runs_timing']} ({t['runs_n']})", f"{t['baseline_timing']} ({t['baseline_n']})",
              f"{t['runs_s']:.4f}", f"{t['baseline_s']:.4f}", f"{t['diff_s']:+.4f}", f"{t['diff_percent']:+.2f}%"]
             for t in d["train_time"]]
@@ -455,57 +551,109 @@ def loss_range(losses: list[float]) -> tuple[float, float]:
     return low - margin, high + margin
 
 
-def draw_runs(ax, sets: list[RunSet], x_of) -> None:
-    """Each run's curve in its set's colour; incomplete runs dashed, runs with only a final loss as dots."""
+def draw_runs(ax, sets: list[RunSet]) -> None:
+    """Each run's curve in its set's colour; unfinished runs dashed, runs with only a final loss as dots."""
     for i, runset in enumerate(sets):
         for run in runset.runs:
             points = run.val or [run.final]
-            ax.plot([x_of(p) for p in points], [p.val_loss for p in points], color=f"C{i % 10}",
+            ax.plot([p.step for p in points], [p.val_loss for p in points], color=f"C{i % 10}",
                     linestyle="--" if run.incomplete else "-", marker="o" if len(points) == 1 else None,
                     linewidth=1.2, markersize=4, alpha=0.7)
-    ax.axhline(TARGET_LOSS, color="black", linestyle=":", linewidth=1)
     ax.grid(alpha=0.3)
 
 
-def plot(sets: list[RunSet], out: Path) -> None:
-    """Validation loss against step and against training time, each with a zoom on the last stretch."""
+def figure(sets: list[RunSet]):
+    """Validation loss against step: whole curves from step 0 on the left, the last third of the steps on the
+    right, each scaled to what it shows; the target line only where it falls inside a panel."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
     fig = Figure(figsize=(12, 5.5), dpi=100, layout="constrained")
+    points = [p for s in sets for r in s.runs for p in (r.val or [r.final])]
+    end = max(max(p.step for p in points), 1)
+    start = 2 * end / 3
+    full, last = fig.subplots(1, 2)
+    target_shown = False
+    for ax, left, title in ((full, 0, "whole run"), (last, start, "last third")):
+        draw_runs(ax, sets)
+        ax.set_xlim(left - 0.02 * end, 1.02 * end)
+        ax.set_ylim(*loss_range([p.val_loss for p in points if p.step >= left]))
+        low, high = ax.get_ylim()
+        if low <= TARGET_LOSS <= high:
+            ax.axhline(TARGET_LOSS, color="black", linestyle=":", linewidth=1)
+            target_shown = True
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    full.set_ylabel("validation loss")
+    handles = [Line2D([], [], color=f"C{i % 10}", label=f"{s.name} ({plural(len(s.runs), 'run')})")
+               for i, s in enumerate(sets)]
+    if target_shown:
+        handles.append(Line2D([], [], color="black", linestyle=":", label=f"target {TARGET_LOSS}"))
+    if any(r.incomplete for s in sets for r in s.runs):
+        handles.append(Line2D([], [], color="gray", linestyle="--", label="unfinished run"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles))
+    fig.suptitle("validation loss" + (f", baseline {sets[-1].name}" if len(sets) > 1 else ""))
+    return fig
+
+
+def plot(sets: list[RunSet], out: Path) -> None:
+    fig = figure(sets)
     formats = fig.canvas.get_supported_filetypes()
     if out.suffix[1:] not in formats:
         raise RecordError(f"{out}: cannot write a {out.suffix or 'suffix-less'} image; end the name with "
                           f"one of {', '.join('.' + f for f in sorted(formats))}, e.g. curves.png")
     if not out.parent.is_dir():
         raise RecordError(f"{out}: folder {out.parent} does not exist; create it or choose another -o path")
-    points = [p for s in sets for r in s.runs for p in (r.val or [r.final])]
-    # The step-0 loss (about ln(vocab)) would flatten everything else: scale to the later points.
-    later = [p.val_loss for p in points if p.step > 0] or [p.val_loss for p in points]
-    panels = fig.subplots(1, 2, sharey=True)
-    for ax, xlabel, x_of in ((panels[0], "step", lambda p: p.step),
-                             (panels[1], "training time (s)", lambda p: p.train_time_ms / 1000)):
-        draw_runs(ax, sets, x_of)
-        ax.set_xlabel(xlabel)
-        # Zoom on the finishes: from a little before the earliest finished run's end to the last point.
-        end = max(x_of(p) for p in points)
-        finishes = [x_of(r.final) for s in sets for r in s.runs if not r.incomplete] or [end]
-        left = min(finishes) - 0.12 * end
-        zoom = ax.inset_axes([0.45, 0.45, 0.52, 0.52])
-        draw_runs(zoom, sets, x_of)
-        zoom.set_xlim(left, 1.01 * end + 1e-9)
-        zoom.set_ylim(*loss_range([p.val_loss for p in points if x_of(p) >= left]))
-        zoom.tick_params(labelsize=8)
-        ax.indicate_inset_zoom(zoom, edgecolor="gray")
-    panels[0].set_ylim(*loss_range(later))
-    panels[0].set_ylabel("validation loss")
-    handles = [Line2D([], [], color=f"C{i % 10}", label=f"{s.name} ({len(s.runs)} runs)") for i, s in enumerate(sets)]
-    handles.append(Line2D([], [], color="black", linestyle=":", label=f"target {TARGET_LOSS}"))
-    if any(r.incomplete for s in sets for r in s.runs):
-        handles.append(Line2D([], [], color="gray", linestyle="--", label="incomplete run"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles))
-    fig.suptitle("validation loss" + (f", baseline {sets[-1].name}" if len(sets) > 1 else ""))
     write_atomically(out, lambda f: fig.savefig(f, format=out.suffix[1:]))
+
+
+# -----------------------------------------------------------------------------
+# A baseline of your own: records/NAME from finished runs
+
+def write_record(runset: RunSet, name: str) -> Path:
+    """records/NAME/figures.json and README.md from the finished runs of one setup on one machine, so that
+    `diff --baseline NAME` compares against times measured where the new runs are."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise RecordError(f"--name {name!r}: use letters, digits, '.', '_' and '-', as in my-baseline")
+    folder = RECORDS_DIR / name
+    if folder.exists():
+        raise RecordError(f"{folder} already exists; choose another --name or remove that folder")
+    differences = setup_warnings([runset])
+    if differences:
+        raise RecordError(f"{differences[0].removeprefix('warning: ')}; a baseline holds runs of one setup on one "
+                          "machine: pass only those")
+    runs, first = runset.finished, runset.finished[0]
+    hardware = first.hardware or "unknown"
+    figures = {"format": FIGURES_FORMAT, "name": name, "hardware": hardware, "num_steps": first.num_steps}
+    peaks = [r.peak_memory_mib for r in runs if r.peak_memory_mib]
+    if peaks:
+        figures["peak_memory_mib"] = {"allocated": max(p[0] for p in peaks), "reserved": max(p[1] for p in peaks)}
+    if first.config is not None:
+        figures["config"] = first.config
+    figures["runs"] = [{"source": r.source.name, "final_val_loss": r.final.val_loss,
+                        "train_time_s": r.final.train_time_ms / 1000, "val": [vars(p) for p in r.val]} for r in runs]
+    summary = render_summary(summarise(RunSet(name, runs, [])))
+    readme = (f"# {name}\n\nA baseline of {plural(len(runs), 'finished run')} on {hardware}, written by "
+              f"`python records/compare.py record` from {', '.join(r.source.name for r in runs)}.\n\n"
+              f"```\n{summary}\n```\n\n"
+              f"Compare new runs with it: `python records/compare.py diff logs/ --baseline {name}`\n")
+    write_folder_atomically(folder, {"figures.json": json.dumps(figures, indent=1) + "\n", "README.md": readme})
+    return folder
+
+
+def write_folder_atomically(folder: Path, files: dict[str, str]) -> None:
+    """Write the files into a hidden temporary folder beside `folder`, then rename it: no half-written record."""
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # the temporary folder was private; give it a normal folder's mode
+        os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 # -----------------------------------------------------------------------------
@@ -514,12 +662,16 @@ def plot(sets: list[RunSet], out: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python records/compare.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Summarise and compare speedrun runs against each other and against published records.",
+        description="Summarise and compare speedrun runs against each other, against published records and "
+                    "against baselines of your own.",
         epilog="RUN: " + RUN_HELP + ".\n"
-               "Runs that failed, are still running or were cut off are refused unless --allow-incomplete is given.\n\n"
+               "Only finished runs count. Other files (failed, interrupted or running runs, files that are not "
+               "records) are skipped with a line each on stderr; --allow-incomplete shows unfinished runs' curves, "
+               "never their losses in the statistics.\n\n"
                "examples:\n  python records/compare.py summary record43\n"
                "  python records/compare.py diff logs/ --baseline record43\n"
-               "  python records/compare.py plot logs/ --baseline record43 -o curves.png")
+               "  python records/compare.py plot logs/ --baseline record43 -o curves.png\n"
+               "  python records/compare.py record logs/baseline --name mybox")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name, help, description):
@@ -527,47 +679,60 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("runs", nargs="+", metavar="RUN", help=RUN_HELP)
         return sub
 
-    def add_report_options(sub):
+    def add_allow_incomplete(sub):
         sub.add_argument("--allow-incomplete", action="store_true",
-                         help="use failed, running or cut-off runs too (marked in the output)")
-        sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
+                         help="show failed, interrupted or running runs too (marked), outside the statistics")
 
     summary = add("summary", "statistics of one set of runs",
                   "Statistics of the RUNs taken as one set: per-run final validation loss and time, loss mean "
                   f"and sample std, the one-sided one-sample t-test that the mean is below {TARGET_LOSS}, "
                   "training time mean and std, step count and ms per step.")
-    add_report_options(summary)
     diffing = add("diff", "compare a set of runs with a baseline",
                   "Compare the RUNs with a baseline: mean loss of each at every validation step both have, the "
                   "final loss difference with Welch's t-test, the training time difference, and the step "
                   f"(interpolated) at which each mean curve first reaches {TARGET_LOSS}.")
     diffing.add_argument("--baseline", required=True, metavar="NAME_OR_PATH",
-                         help="the runs to compare against, as a RUN: record43, record42 or a path")
-    add_report_options(diffing)
-    plotting = add("plot", "plot validation loss against step and training time",
-                   "Plot the validation loss of the RUNs (and the baseline) against step and against training "
-                   "time. Incomplete runs are drawn dashed; runs with only a published final loss as dots.")
+                         help="the runs to compare against, as a RUN: record43, record42, a record of your own or a path")
+    for sub in (summary, diffing):
+        add_allow_incomplete(sub)
+        sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    plotting = add("plot", "plot validation loss against step",
+                   "Plot the validation loss of the RUNs (and the baseline) against step: the whole curves, and "
+                   f"the last third of the steps near {TARGET_LOSS}. Unfinished runs are drawn dashed; runs with "
+                   "only a published final loss as dots.")
     plotting.add_argument("--baseline", metavar="NAME_OR_PATH",
                           help="runs to draw in a second colour, as a RUN: record43, record42 or a path")
     plotting.add_argument("-o", "--output", required=True, metavar="FILE.png", help="image to write (.png, .svg, .pdf)")
+    add_allow_incomplete(plotting)
+    recording = add("record", "write records/NAME from finished runs, a baseline of your own",
+                    "Write records/NAME/ (figures.json, and a README with the runs table, mean, std and p-value) "
+                    "from the finished RUNs, which must share one setup and machine; then "
+                    "`diff RUNS --baseline NAME` compares against times measured on this machine.")
+    recording.add_argument("--name", required=True, help="the folder to create in records/, e.g. mybox")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        allow_incomplete = getattr(args, "allow_incomplete", False)
+        runs = load_set(args.runs, allow_incomplete)
+        baseline = load_set([args.baseline], allow_incomplete) if getattr(args, "baseline", None) else None
+        if args.command == "record":
+            folder = write_record(runs, args.name)
+            print(f"wrote {folder} from {plural(len(runs.finished), 'finished run')}; compare with it: "
+                  f"python records/compare.py diff RUN... --baseline {args.name}")
+            return 0
         if args.command == "plot":
-            sets = [load_set(args.runs, allow_incomplete=True)]
-            if args.baseline:
-                sets.append(load_set([args.baseline], allow_incomplete=True))
+            sets = [runs] + ([baseline] if baseline else [])
+            for line in setup_warnings(sets):
+                print(line, file=sys.stderr)
             plot(sets, Path(args.output))
             print(f"wrote {args.output}")
             return 0
-        runs = load_set(args.runs, args.allow_incomplete)
         if args.command == "summary":
             report, render = summarise(runs), render_summary
         else:
-            baseline = load_set([args.baseline], args.allow_incomplete)
             report, render = diff(runs, baseline), render_diff
     except RecordError as e:
         print(f"error: {e}", file=sys.stderr)

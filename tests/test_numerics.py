@@ -546,7 +546,7 @@ def test_adam_group_flags_reach_the_optimizers(process_group):
     normuon, lion = train_gpt.make_optimizers(cfg, model)
     assert isinstance(lion, train_gpt.DistLion) and len(lion.param_groups) == 1
     group = lion.param_groups[0]
-    assert group["lr"] == pytest.approx(0.008 * 0.2) and group["betas"] == (0.8, 0.98)
+    assert group["lr"] == pytest.approx(cfg.adam_lr * 0.2) and group["betas"] == (0.8, 0.98)
     assert group["weight_decay"] == 0.005 and lion.weight_decay_mode == "decoupled"
     assert lion.cautious_mask == normuon.cautious_mask == "gt"
     wd_muls = [p.wd_mul for p in group["params"]]

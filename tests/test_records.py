@@ -29,32 +29,43 @@ def log_val(step, n, loss, ms):
 '''
 
 
+def config(preset: str = "test", max_steps: int = 0, **changes) -> dict:
+    """A train_gpt.py configuration: record 43's setup under another preset name."""
+    return {"preset": preset, "num_scheduled_iterations": 360, "num_extension_iterations": 40, "max_steps": max_steps,
+            "model_dim": 768, "num_heads": 6, "head_dim": 128, "train_batch_tokens": 262144, "vocab_size": 50257,
+            "train_files": "data/fineweb10B/fineweb_train_*.bin", "val_files": "data/fineweb10B/fineweb_val_*.bin",
+            "val_tokens": 10485760, "muon_lr": 0.03, **changes}
+
+
 def log_text(val: dict[int, float], num_steps: int, last_step: int, finished: bool) -> str:
-    """A log in train_gpt.py's format: source, separator, header, a line per step, validations at `val`."""
-    lines = [SOURCE, "=" * 100, "Running Python 3.11.9", "Running PyTorch 2.13.0", "config: preset=test"]
+    """A log in train_gpt.py's format: source, separator, header, a line per step, validations at `val`; step and
+    validation lines carry train_gpt.py's fields after the public ones."""
+    lines = [SOURCE, "=" * 100, "config: " + json.dumps(config()), "Python 3.11.9, PyTorch 2.13.0", "=" * 100]
     for step in range(last_step + 1):
         ms = MS_PER_STEP * step
         avg = ms / max(step, 1)
         if step in val:
-            lines.append(f"step:{step}/{num_steps} val_loss:{val[step]:.4f} train_time:{ms:.0f}ms step_avg:{avg:.2f}ms")
+            lines.append(f"step:{step}/{num_steps} val_loss:{val[step]:.4f} train_time:{ms:.0f}ms step_avg:{avg:.2f}ms"
+                         + (f" eta:{(num_steps - step) * avg / 1000:.0f}s" if 0 < step < num_steps else ""))
         elif step > 0:
-            lines.append(f"step:{step}/{num_steps} train_time:{ms:.0f}ms step_avg:{avg:.2f}ms")
+            lines.append(f"step:{step}/{num_steps} train_time:{ms:.0f}ms step_avg:{avg:.2f}ms train_loss:4.1234 "
+                         "tokens/s:5242880")
     if finished:
         lines.append("peak memory allocated: 29248 MiB reserved: 50528 MiB")
+        lines.append(f"finished: val_loss {val[last_step]:.4f} after {last_step} steps; record: logs/x.txt")
     else:
         lines += ["Traceback (most recent call last):", '  File "train_gpt.py", line 1', "RuntimeError: CUDA error"]
     return "\n".join(lines) + "\n"
 
 
 def record_json(run_id: str, val: dict[int, float], num_steps: int, last_step: int, status: str,
-                max_steps: int = 0) -> dict:
+                max_steps: int = 0, setup: dict | None = None) -> dict:
     points = [{"step": s, "val_loss": v, "train_time_ms": MS_PER_STEP * s} for s, v in sorted(val.items())]
     done = status == "finished"
     return {
         "format": "train_gpt-record/1", "run_id": run_id, "status": status, "started_utc": "2025-11-20T10:00:00Z",
         "log_file": f"{run_id}.txt",
-        "config": {"preset": "test", "num_scheduled_iterations": num_steps - 40, "num_extension_iterations": 40,
-                   "max_steps": max_steps},
+        "config": {**config(max_steps=max_steps, num_scheduled_iterations=num_steps - 40), **(setup or {})},
         "env": {"python": "3.11.9", "torch": "2.13.0", "triton": "3.9.0", "device": "cuda", "world_size": 8,
                 "gpu": "NVIDIA H100 80GB HBM3", "hostname": "node1"},
         "num_steps": num_steps, "steps_done": last_step, "val": points,
@@ -62,12 +73,13 @@ def record_json(run_id: str, val: dict[int, float], num_steps: int, last_step: i
         "train_time_ms": points[-1]["train_time_ms"] if done else None,
         "step_avg_ms": MS_PER_STEP if done else None,
         "peak_memory_allocated_mib": 29248 if done else None, "peak_memory_reserved_mib": 50528 if done else None,
-        "error": None if status != "failed" else "RuntimeError: CUDA error",
+        "error": {"finished": None, "failed": "RuntimeError: CUDA error", "interrupted": "interrupted by SIGINT",
+                  "running": None}[status],
     }
 
 
 def write_run(folder: Path, run_id: str, val: dict[int, float], num_steps: int = 400, last_step: int | None = None,
-              status: str = "finished", max_steps: int = 0, with_json: bool = True) -> Path:
+              status: str = "finished", max_steps: int = 0, with_json: bool = True, setup: dict | None = None) -> Path:
     """Write <run_id>.txt (and .json) as train_gpt.py does; return the path of the record to pass."""
     folder.mkdir(parents=True, exist_ok=True)
     last_step = max(val) if last_step is None else last_step
@@ -75,7 +87,7 @@ def write_run(folder: Path, run_id: str, val: dict[int, float], num_steps: int =
     if not with_json:
         return folder / f"{run_id}.txt"
     path = folder / f"{run_id}.json"
-    path.write_text(json.dumps(record_json(run_id, val, num_steps, last_step, status, max_steps)))
+    path.write_text(json.dumps(record_json(run_id, val, num_steps, last_step, status, max_steps, setup)))
     return path
 
 
@@ -350,24 +362,99 @@ def test_no_validation_line(tmp_path):
     assert_refused(["summary", record], record, "no validation")
 
 
-def test_truncated_txt_is_incomplete(tmp_path):
+def test_truncated_txt_is_skipped_unless_allowed(tmp_path):
     path = write_run(tmp_path, "cut", {0: 10.8258, 100: 4.1, 200: 3.6}, num_steps=400, last_step=250,
                      status="failed", with_json=False)
     path.write_text(path.read_text().split("Traceback")[0] + "step:251/400 train_ti")  # cut mid-line
-    assert_refused(["summary", path], path, "incomplete", "step 250 of 400", "--allow-incomplete")
-    assert_refused(["diff", path, "--baseline", "record43"], path, "incomplete")
+    assert_refused(["summary", path], path, "skipped", "step 250 of 400", "--allow-incomplete")
+    assert_refused(["diff", path, "--baseline", "record43"], path, "skipped")
     s = cli_json("summary", path, "--allow-incomplete")
     assert s["runs"][0]["incomplete"] and s["runs"][0]["final_val_loss"] == 3.6
+    assert s["num_finished"] == 0 and s["val_loss"]["mean"] is None  # no finished run: no statistics
     code, out, _ = cli("summary", path, "--allow-incomplete")
-    assert code == 0 and "cut *" in out and f"* incomplete, {path}" in out
+    assert code == 0 and "cut *" in out and f"* unfinished, not in the statistics, {path}" in out
 
 
-def test_failed_and_running_records_are_incomplete(tmp_path):
-    for status in ("failed", "running"):
-        path = write_run(tmp_path, status, {0: 10.8258, 100: 4.1}, last_step=150, status=status)
-        assert_refused(["summary", path], path, f"status '{status}'", "--allow-incomplete")
-        d = cli_json("diff", path, "--baseline", "record43", "--allow-incomplete")
-        assert d["runs"]["incomplete"] == 1
+def logs_folder(folder: Path) -> dict[str, Path]:
+    """A logs/ folder as a user has it after a while: three finished runs, a failed, an interrupted and a running
+    one, one that failed before its first validation, and notes."""
+    paths = {f"done{i}": write_run(folder, f"done{i}", curve(final)) for i, final in enumerate([3.2790, 3.2770, 3.2780])}
+    paths["failed"] = write_run(folder, "failed", {0: 10.8258, 100: 4.0, 200: 3.5}, last_step=230, status="failed")
+    paths["interrupted"] = write_run(folder, "interrupted", {0: 10.8258, 100: 4.2}, last_step=130, status="interrupted")
+    paths["running"] = write_run(folder, "running", {0: 10.8258}, last_step=40, status="running")
+    early = record_json("early", {0: 10.8}, 400, 0, "failed")
+    paths["early"] = folder / "early.json"
+    paths["early"].write_text(json.dumps({**early, "val": []}))
+    paths["notes"] = folder / "notes.txt"
+    paths["notes"].write_text("learning rate 0.03 looked best\n")
+    return paths
+
+
+def skipped_files(err: str) -> list[str]:
+    lines = err.splitlines()
+    assert all(line.startswith("skipped ") for line in lines), err
+    return sorted(line.split()[1].rstrip(":") for line in lines)
+
+
+def test_a_real_logs_folder_counts_its_finished_runs(tmp_path):
+    paths = logs_folder(tmp_path)
+    code, out, err = cli("summary", tmp_path, "--json")
+    assert code == 0, err
+    s = json.loads(out)
+    assert sorted(r["name"] for r in s["runs"]) == ["done0", "done1", "done2"]
+    assert s["val_loss"]["mean"] == pytest.approx(3.2780) and s["t_test_below_target"]["p"] < 0.5
+    # one line each for the failed, interrupted and running runs, the one without a validation and the notes
+    assert skipped_files(err) == sorted(str(paths[k]) for k in ("failed", "interrupted", "running", "early", "notes"))
+    assert "interrupted at step 130 of 400" in err and "no validation point" in err and "not a record" in err
+    code, out, err = cli("diff", tmp_path, "--baseline", "record43")
+    assert code == 0 and len(err.splitlines()) == 5 and "runs:     " + tmp_path.name + " (3 runs" in out
+
+
+def test_allow_incomplete_adds_curves_but_never_losses_to_the_tests(tmp_path):
+    logs_folder(tmp_path)
+    finished_only = cli_json("summary", tmp_path)
+    s = cli_json("summary", tmp_path, "--allow-incomplete")
+    assert sorted(r["name"] for r in s["runs"] if r["incomplete"]) == ["failed", "interrupted", "running"]
+    assert s["num_runs"] == 6 and s["num_finished"] == 3
+    assert s["val_loss"] == finished_only["val_loss"]
+    assert s["t_test_below_target"] == finished_only["t_test_below_target"]
+    assert s["train_time"] == finished_only["train_time"]
+    d = cli_json("diff", tmp_path, "--baseline", tmp_path / "done0.json", "--allow-incomplete")
+    by_step = {c["step"]: c for c in d["curve"]}
+    assert by_step[0]["runs_n"] == 6 and by_step[100]["runs_n"] == 5 and by_step[400]["runs_n"] == 3
+    assert by_step[100]["runs"] == pytest.approx((3 * 4.1 + 4.0 + 4.2) / 5)
+    assert d["final_val_loss"]["runs"] == pytest.approx(3.2780) and d["runs"]["incomplete"] == 3
+
+
+def test_differences_in_setup_are_named_before_the_table(tmp_path):
+    runs, mixed = tmp_path / "runs", tmp_path / "mixed"
+    for i in range(2):
+        write_run(runs, f"r{i}", curve(3.279 + i / 1000))
+    same = cli("diff", runs, "--baseline", runs / "r0.json")
+    assert same[0] == 0 and "warning" not in same[1]
+    # record 43's published runs: another machine, and a preset of another name
+    code, out, _ = cli("diff", runs, "--baseline", "record43")
+    assert out.splitlines()[:4] == [
+        "warning: runs and baseline differ in preset: runs test | baseline record43",
+        "warning: runs and baseline differ in steps: runs 400 | baseline 2245",
+        "warning: runs and baseline differ in hardware: runs 8x NVIDIA H100 80GB HBM3 | baseline 8x H100 (times from "
+        "different machines do not compare)",
+        f"runs:     {runs.name} (2 runs, 2 with a curve)"]
+    tiny = dict(preset="tiny", model_dim=64, num_heads=2, head_dim=32, train_batch_tokens=2048, vocab_size=1024,
+                train_files="data/synthetic/train_*.bin", val_files="data/synthetic/val_*.bin", val_tokens=8192)
+    write_run(mixed, "big", curve(3.2790))
+    write_run(mixed, "small", {0: 6.93, 50: 5.2, 100: 4.5}, num_steps=100, setup=tiny)
+    write_run(mixed, "short", {0: 10.8258, 100: 4.1, 200: 3.6}, max_steps=200)
+    warnings = [line for line in cli("summary", mixed)[1].splitlines() if line.startswith("warning")]
+    assert warnings == [
+        "warning: the runs differ in preset: test; tiny",
+        "warning: the runs differ in steps: 100; 200 of 400; 400",
+        "warning: the runs differ in model: dim 64, 2 heads of 32; dim 768, 6 heads of 128",
+        "warning: the runs differ in batch: 2048 tokens; 262144 tokens",
+        "warning: the runs differ in vocabulary: 1024; 50257",
+        "warning: the runs differ in data: fineweb_train_*.bin + fineweb_val_*.bin (10485760 val tokens); "
+        "train_*.bin + val_*.bin (8192 val tokens)"]
+    assert cli_json("summary", mixed)["warnings"] == warnings
 
 
 def test_invalid_json(tmp_path):
@@ -404,6 +491,49 @@ def test_damaged_figures_file(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# record: a baseline of your own
+
+def test_record_writes_a_baseline_that_diff_takes_by_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(compare, "RECORDS_DIR", tmp_path / "records")
+    (tmp_path / "records").mkdir()
+    logs = tmp_path / "logs"
+    paths = logs_folder(logs)
+    code, out, err = cli("record", logs, "--name", "mybox")
+    assert code == 0, err
+    folder = tmp_path / "records" / "mybox"
+    assert out.startswith(f"wrote {folder} from 3 finished runs") and len(err.splitlines()) == 5
+    assert sorted(p.name for p in (tmp_path / "records").iterdir()) == ["mybox"]  # no temporary folder left
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "figures.json"]
+    figures = json.loads((folder / "figures.json").read_text())
+    assert [r["final_val_loss"] for r in figures["runs"]] == [3.2790, 3.2770, 3.2780]
+    assert [r["source"] for r in figures["runs"]] == [paths[f"done{i}"].name for i in range(3)]
+    assert figures["hardware"] == "8x NVIDIA H100 80GB HBM3" and figures["config"]["preset"] == "test"
+    readme = (folder / "README.md").read_text()
+    p_value = compare.t_test_below([3.2790, 3.2770, 3.2780])["p"]
+    assert "mean 3.2780  std 0.0010" in readme and f"p = {p_value:.4f}" in readme and "done0" in readme
+    # the baseline's own runs against it: same setup and machine, so no warning and no difference
+    d = cli_json("diff", logs, "--baseline", "mybox")
+    assert d["warnings"] == [] and d["final_val_loss"]["diff"] == pytest.approx(0)
+    assert d["train_time"][0]["diff_s"] == pytest.approx(0) and len(d["curve"]) == 5
+
+
+def test_record_refuses_mixed_setups_taken_names_and_bad_names(tmp_path, monkeypatch):
+    monkeypatch.setattr(compare, "RECORDS_DIR", tmp_path / "records")
+    (tmp_path / "records" / "taken").mkdir(parents=True)
+    logs = tmp_path / "logs"
+    write_run(logs, "a", curve(3.2790))
+    write_run(logs, "b", curve(3.2770), setup={"train_batch_tokens": 131072})
+    code, out, err = cli("record", logs, "--name", "mixed")
+    assert code == 1 and out == ""
+    assert err.strip() == ("error: the runs differ in batch: 131072 tokens; 262144 tokens; a baseline holds runs of "
+                           "one setup on one machine: pass only those")
+    assert cli("record", logs / "a.json", "--name", "taken")[2].strip().endswith("taken already exists; choose another "
+                                                                                 "--name or remove that folder")
+    assert "--name '../up'" in cli("record", logs / "a.json", "--name", "../up")[2]
+    assert sorted(p.name for p in (tmp_path / "records").iterdir()) == ["taken"]
+
+
+# -----------------------------------------------------------------------------
 # plot
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -417,9 +547,13 @@ def test_plot_writes_a_png(tmp_path):
     write_run(runs, "done", curve(3.2790))
     write_run(runs, "cut", {0: 10.8258, 100: 4.2, 200: 3.7}, last_step=250, status="failed")
     out = tmp_path / "curves.png"
-    code, stdout, err = cli("plot", runs, "--baseline", "record43", "-o", out)
+    code, stdout, err = cli("plot", runs, "--baseline", "record43", "-o", out, "--allow-incomplete")
     assert code == 0, err
     assert str(out) in stdout
+    assert err.splitlines() == ["warning: runs and baseline differ in preset: runs test | baseline record43",
+                                "warning: runs and baseline differ in steps: runs 400 | baseline 2245",
+                                "warning: runs and baseline differ in hardware: runs 8x NVIDIA H100 80GB HBM3 | "
+                                "baseline 8x H100 (times from different machines do not compare)"]
     assert 10_000 < out.stat().st_size < 2_000_000
     width, height = png_size(out)
     assert 800 <= width <= 3000 and 400 <= height <= 2000
@@ -432,3 +566,34 @@ def test_plot_refuses_bad_output(tmp_path):
     no_folder = tmp_path / "nowhere" / "curves.png"
     assert_refused(["plot", ROOT / "records/record43", "-o", no_folder], no_folder, "does not exist")
     assert list(tmp_path.iterdir()) == []
+
+
+def panels(sets):
+    fig = compare.figure(sets)
+    full, last = fig.axes
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    return full, last, legend
+
+
+def target_lines(ax) -> int:
+    return sum(list(line.get_ydata()) == [compare.TARGET_LOSS] * 2 for line in ax.get_lines())
+
+
+def test_plot_shows_the_whole_curve_and_the_last_third_without_insets(tmp_path):
+    write_run(tmp_path / "runs", "done", curve(3.2790))
+    full, last, legend = panels([compare.load_set([str(tmp_path / "runs")], False), compare.load_set(["record43"], False)])
+    assert full.child_axes == [] and last.child_axes == []  # no inset drawn over the curves
+    assert full.get_xlim()[0] <= 0 and full.get_ylim()[1] >= 10.8258  # step 0 and its loss are in view
+    assert 2245 * 2 / 3 - 50 <= last.get_xlim()[0] <= 2245 * 2 / 3 and last.get_xlim()[1] >= 2245
+    low, high = last.get_ylim()
+    assert low < 3.2771 and 3.4421 <= high < 3.6  # the finish near 3.28, from record 43's step-1500 point
+    assert target_lines(full) == target_lines(last) == 1
+    assert legend == ["runs (1 run)", "record43 (10 runs)", "target 3.28"]
+
+
+def test_plot_draws_the_target_only_where_it_is_in_view(tmp_path):
+    write_run(tmp_path, "tiny", {0: 6.93, 50: 5.2, 100: 4.5}, num_steps=100)
+    write_run(tmp_path, "cut", {0: 6.93, 50: 5.3}, num_steps=100, last_step=60, status="interrupted")
+    full, last, legend = panels([compare.load_set([str(tmp_path)], True)])
+    assert target_lines(full) == target_lines(last) == 0
+    assert legend == [f"{tmp_path.name} (2 runs)", "unfinished run"]
