@@ -197,7 +197,8 @@ def run_from_record(path: Path, data: dict) -> Run:
                           f"interrupted; {damaged_fix(path)}")
     if not val:
         raise RecordError(f"{path}: no validation point: the run {status} before its first validation")
-    incomplete = None if status == "finished" else f"{status} at step {steps_done} of {num_steps}"
+    where = "after" if status == "failed" else "at"  # as train_gpt.py says it: a failed step did not complete
+    incomplete = None if status == "finished" else f"{status} {where} step {steps_done} of {num_steps}"
     peak = None if allocated is None or reserved is None else (int(allocated), int(reserved))
     return Run(name, path, num_steps, steps_done, val[-1], hardware, val, incomplete, peak, config)
 

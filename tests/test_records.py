@@ -405,7 +405,8 @@ def test_a_real_logs_folder_counts_its_finished_runs(tmp_path):
     assert s["val_loss"]["mean"] == pytest.approx(3.2780) and s["t_test_below_target"]["p"] < 0.5
     # one line each for the failed, interrupted and running runs, the one without a validation and the notes
     assert skipped_files(err) == sorted(str(paths[k]) for k in ("failed", "interrupted", "running", "early", "notes"))
-    assert "interrupted at step 130 of 400" in err and "no validation point" in err and "not a record" in err
+    assert "interrupted at step 130 of 400" in err and "failed after step 230 of 400" in err
+    assert "no validation point" in err and "not a record" in err
     code, out, err = cli("diff", tmp_path, "--baseline", "record43")
     assert code == 0 and len(err.splitlines()) == 5 and "runs:     " + tmp_path.name + " (3 runs" in out
 
