@@ -974,6 +974,15 @@ def to_device(buf: Tensor, device) -> tuple[Tensor, Tensor]:
     return inputs, targets
 
 
+def document_starts(tokens: Tensor, path: Path, cfg: Config) -> np.ndarray:
+    """Positions of the BOS tokens that start the shard's training documents."""
+    starts = np.flatnonzero(tokens.numpy() == cfg.bos_id)
+    if starts.size == 0:
+        raise DataError(f"{path}: no BOS token ({cfg.bos_id}) in the shard, so it has no documents to train on; "
+                        "check --vocab_size (BOS is its last token) or regenerate the shard")
+    return starts
+
+
 class DocumentStream:
     """The training shards' documents in order, packed into whole global batches. A shard that cannot fill the next
     global batch is left (that partial batch is dropped) and packing restarts at the next shard's first BOS, as in the
@@ -995,10 +1004,7 @@ class DocumentStream:
     def _load(self, path):
         try:
             tokens = load_shard(path, self.cfg.vocab_size)
-            starts = np.flatnonzero(tokens.numpy() == self.cfg.bos_id)
-            if starts.size == 0:
-                raise DataError(f"{path}: no BOS token ({self.cfg.bos_id}) in the shard, so it has no documents to train "
-                                "on; check --vocab_size (BOS is its last token) or regenerate the shard")
+            starts = document_starts(tokens, path, self.cfg)
             lengths = np.minimum(np.diff(np.append(starts, tokens.numel())), self.cfg.max_doc_tokens)
             # packed[i]: tokens that the documents before document i contribute, each cut to max_doc_tokens
             self._loaded["shard"] = (tokens, starts, np.concatenate([[0], np.cumsum(lengths)]))
@@ -1357,9 +1363,7 @@ def check_inputs(cfg: Config, rank: int, world: int, device) -> Inputs:
 
 def check_first_shard(path: Path, cfg: Config):
     """Tokens within the vocabulary and documents to train on; later shards are checked as they load."""
-    if not (load_shard(path, cfg.vocab_size) == cfg.bos_id).any():
-        raise DataError(f"{path}: no BOS token ({cfg.bos_id}) in the shard, so it has no documents to train on; "
-                        "check --vocab_size (BOS is its last token) or regenerate the shard")
+    document_starts(load_shard(path, cfg.vocab_size), path, cfg)
 
 
 def check_output_folders(cfg: Config):
