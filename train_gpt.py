@@ -755,7 +755,7 @@ class GPT(nn.Module):
         self.scalars = nn.Parameter(torch.cat(scalars + [torch.ones(next_multiple(used, world_size) - used)]))
         self.fp8_head = False  # FP8 lm_head in training, set on CUDA
 
-    def forward(self, inputs: Tensor, targets: Tensor, cu_seqlens: Tensor, max_seqlen: int, short_window: int, long_window: int):
+    def forward(self, inputs: Tensor, targets: Tensor | None, cu_seqlens: Tensor, max_seqlen: int, short_window: int, long_window: int):
         L = NUM_LAYERS
         s = self.scalars
         skip_weights, lambdas, v_lambdas = s[:L], s[L:3 * L].view(L, 2), s[3 * L:5 * L].view(L, 2)
@@ -783,6 +783,8 @@ class GPT(nn.Module):
         else:
             logits = F.linear(x, self.lm_head.type_as(x))
         logits = LOGIT_CAP * torch.sigmoid(logits.float() / LOGIT_TEMPERATURE)
+        if targets is None:  # sampling reads the logits itself
+            return logits
         return F.cross_entropy(logits, targets, reduction="sum" if self.training else "mean")
 
 
@@ -1061,6 +1063,12 @@ def long_window(cfg: Config, step: int) -> int:
     return cfg.window_schedule[step * len(cfg.window_schedule) // cfg.num_scheduled_iterations]
 
 
+def final_windows(cfg: Config, step: int) -> tuple[int, int]:
+    """(short, long) attention windows for evaluating the model after `step` steps, as the final validation does:
+    the last training step's short window and the wider final long window (the rotary state stays as trained)."""
+    return long_window(cfg, max(step - 1, 0)) // 2, cfg.window_final_val
+
+
 def set_schedules(cfg: Config, optimizers, step: int):
     normuon, adam = optimizers
     for opt in optimizers:
@@ -1216,7 +1224,7 @@ def train(cfg: Config, device, rank: int, world: int, log: "RunLog", started: fl
             sync()
             train_ms += 1000 * (time.perf_counter() - t0)
             if validate:
-                val_windows = (windows[0], cfg.window_final_val) if last else windows
+                val_windows = final_windows(cfg, step) if last else windows
                 log.val(step, total_steps, evaluate(model, val_data, val_windows, device), train_ms)
             if save:
                 save_checkpoint(cfg, step, train_ms, raw_model, optimizers, batches, log)
@@ -1285,6 +1293,10 @@ RESUMABLE_CHANGES = ("preset", "max_steps", "val_loss_every", "warmup_steps", "d
                      "checkpoint", "save_every", "keep_checkpoints", "checkpoint_dir", "resume")
 
 
+# sample.py reads checkpoints in a single process, without a process group, on purpose.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
 class CheckpointError(UserError):
     pass
 
@@ -1331,14 +1343,14 @@ def find_resume(cfg: Config, device, world: int) -> dict | None:
                               "resume with that run's flags (its meta.json lists them) or start afresh without --resume")
     if meta["device"] != device.type:
         raise CheckpointError(f"{meta['path']} was written on {meta['device']} and holds that device's number formats; "
-                              f"resume it on {meta['device']}")
+                              f"resume it on {meta['device']} (sample.py reads it on any device)")
     if meta["pending_grads"] and meta["world_size"] != world:
         raise CheckpointError(f"{meta['path']} was saved after an odd step, when Adam's gradients are still "
                               f"accumulating in each of its {meta['world_size']} processes; resume it with "
                               f"{meta['world_size']} processes, or resume from a checkpoint at an even step")
     if meta["step"] >= cfg.num_iterations:
         raise CheckpointError(f"{meta['path']} is the end of a finished run (step {meta['step']}), so there is "
-                              "nothing left to train; start afresh without --resume")
+                              "nothing left to train; sample from it with sample.py, or start afresh")
     if meta["step"] >= final_step(cfg):
         raise CheckpointError(f"{meta['path']} is at step {meta['step']}, and --max_steps={cfg.max_steps} stops the "
                               f"run there; raise --max_steps to train on (0: all {cfg.num_iterations} steps)")
