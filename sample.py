@@ -4,6 +4,7 @@
     python sample.py checkpoints/step_002245 --prompt "The capital of France is" --tokens 50 --temperature 0.8
     python sample.py checkpoints --prompt "Once upon a time" --temperature 0        # greedy: the same text every time
     python sample.py checkpoints --prompt "1023 5 17"              # a tiny-preset model: token ids in, token ids out
+    python sample.py checkpoints --hellaswag data/hellaswag/hellaswag_val.json     # its HellaSwag accuracy instead
 
 With the GPT-2 vocabulary (50257 tokens) prompts are text, encoded with tiktoken's gpt2 tokenizer, and continuations
 are decoded; with any other vocabulary (the tiny preset's synthetic one) prompts and continuations are token ids.
@@ -34,6 +35,8 @@ def parse_args(argv):
     parser.add_argument("--top_k", type=int, default=50, help="sample among the k likeliest tokens, 0: all (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="default: cuda if there is one")
+    parser.add_argument("--hellaswag", default="", help="score the model on these tokenized HellaSwag examples (made by "
+                                                        "data/hellaswag.py) instead of sampling")
     args = parser.parse_args(argv)
     for name, low in (("num_samples", 1), ("tokens", 1), ("temperature", 0), ("top_k", 0)):
         if getattr(args, name) < low:
@@ -98,6 +101,13 @@ def generate(model: tg.GPT, cfg: tg.Config, windows, prompt: list[int], tokens: 
     return out
 
 
+def score_hellaswag(args, meta: dict, device):
+    examples = tg.load_hellaswag(args.hellaswag, meta["config"]["vocab_size"])
+    cfg, model = load_model(meta, device, tg.HELLASWAG_BATCH_TOKENS)
+    windows = tg.final_windows(cfg, meta["step"])
+    print(tg.hellaswag_report(*tg.hellaswag_accuracy(model, examples, cfg.bos_id, windows, tg.HELLASWAG_BATCH_TOKENS)))
+
+
 def continue_prompts(args, meta: dict, device):
     vocab_size = meta["config"]["vocab_size"]
     encoding = gpt2_encoding() if vocab_size == GPT2_VOCAB_SIZE else None
@@ -119,7 +129,7 @@ def main(argv=None) -> int:
         if kind == "cuda" and not torch.cuda.is_available():
             raise tg.UserError("--device cuda but no CUDA GPU is visible to PyTorch; use --device cpu")
         meta = open_checkpoint(args.checkpoint)
-        continue_prompts(args, meta, torch.device(kind))
+        (score_hellaswag if args.hellaswag else continue_prompts)(args, meta, torch.device(kind))
         print(f"({meta['path']}: the model after step {meta['step']})", file=sys.stderr)
         return 0
     except tg.UserError as error:

@@ -5,7 +5,8 @@ validation loss, with NorMuon + Adam and cautious weight decay scheduled as lr x
     python train_gpt.py --preset=tiny                        # a small run on synthetic shards, CPU is fine
     python train_gpt.py --help                               # every hyperparameter with its default
 
-Sections follow a batch: configuration, kernels, optimizers, model, data loading, training loop, checkpoints, logging.
+Sections follow a batch: configuration, kernels, optimizers, model, data loading, training loop, checkpoints,
+HellaSwag, logging.
 """
 import dataclasses
 import datetime
@@ -121,6 +122,8 @@ class Config:
     keep_checkpoints: int = _arg(2, "how many of the newest checkpoints to keep")
     checkpoint_dir: str = _arg("checkpoints", "folder of the run's checkpoints, step_<S>/ each; one run per folder")
     resume: str = _arg("", "checkpoint folder to continue, or auto: the newest in --checkpoint_dir (none there: start afresh)")
+    hellaswag: str = _arg("", "tokenized HellaSwag examples to score after training, as data/hellaswag.py makes them "
+                              "(data/hellaswag/hellaswag_val.json); empty: none")
 
     @property
     def num_iterations(self) -> int:
@@ -783,7 +786,7 @@ class GPT(nn.Module):
         else:
             logits = F.linear(x, self.lm_head.type_as(x))
         logits = LOGIT_CAP * torch.sigmoid(logits.float() / LOGIT_TEMPERATURE)
-        if targets is None:  # sampling reads the logits itself
+        if targets is None:  # sampling and HellaSwag read the logits themselves
             return logits
         return F.cross_entropy(logits, targets, reduction="sum" if self.training else "mean")
 
@@ -1172,6 +1175,7 @@ def train(cfg: Config, device, rank: int, world: int, log: "RunLog", started: fl
     train_files = list_shards(cfg.train_files, "train_files")
     val_data = val_batches(list_shards(cfg.val_files, "val_files"), cfg, rank, world, device)
     batches = TrainBatches(train_files, cfg, rank, world, device)
+    hellaswag = load_hellaswag(cfg.hellaswag, cfg.vocab_size) if cfg.hellaswag else None
     log.line(f"world size {world}, {grad_accum} micro-steps of {micro_tokens} tokens per rank, "
              f"{len(train_files)} training shards, {cfg.val_tokens} validation tokens")
 
@@ -1239,7 +1243,11 @@ def train(cfg: Config, device, rank: int, world: int, log: "RunLog", started: fl
         check.push(f"step {step + 1}", train_step(cfg, model, optimizers, batches, grad_accum, step, windows))
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
         log.line(f"step:{step + 1}/{total_steps} train_time:{elapsed:.0f}ms step_avg:{elapsed / (step + 1):.2f}ms")
-    log.finish(stop, train_ms, peak_memory(device))
+    memory = peak_memory(device)  # of the training, as the record reports it
+    if hellaswag is not None:
+        batch_tokens = min(HELLASWAG_BATCH_TOKENS, raw_model.rotary.cos.size(0))
+        log.hellaswag(*hellaswag_accuracy(raw_model, hellaswag, cfg.bos_id, final_windows(cfg, stop), batch_tokens))
+    log.finish(stop, train_ms, memory)
     if cfg.checkpoint and rank == 0:
         torch.save(raw_model.state_dict(), cfg.checkpoint)
     dist.barrier()  # no rank tears the group down while another is still in a collective
@@ -1290,7 +1298,7 @@ def main(argv=None) -> int:
 CHECKPOINT_FORMAT = "train_gpt-checkpoint/1"
 # Flags that may change when a run resumes: they steer or record the run but do not change what it computes.
 RESUMABLE_CHANGES = ("preset", "max_steps", "val_loss_every", "warmup_steps", "device", "compile", "log_dir",
-                     "checkpoint", "save_every", "keep_checkpoints", "checkpoint_dir", "resume")
+                     "checkpoint", "save_every", "keep_checkpoints", "checkpoint_dir", "resume", "hellaswag")
 
 
 # sample.py reads checkpoints in a single process, without a process group, on purpose.
@@ -1488,6 +1496,76 @@ def load_checkpoint(meta: dict, raw_model: "GPT", optimizers, batches: TrainBatc
 
 
 # -----------------------------------------------------------------------------
+# HellaSwag: which of four endings the model finds likeliest, per token, after each context
+
+HELLASWAG_FORMAT = "train_gpt-hellaswag/1"
+HELLASWAG_BATCH_TOKENS = 8192  # tokens per forward: their logits over GPT-2's vocabulary take 1.6 GB
+
+
+def load_hellaswag(path, vocab_size: int) -> list[dict]:
+    """Tokenized examples {"context", "endings", "label"} from data/hellaswag.py, checked against the vocabulary."""
+    fix = "make it with `python data/hellaswag.py`"
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise DataError(f"--hellaswag={path}: cannot be read ({e.strerror}); {fix}") from None
+    except ValueError:
+        raise DataError(f"--hellaswag={path}: not JSON, so damaged; {fix}") from None
+    if not isinstance(data, dict) or data.get("format") != HELLASWAG_FORMAT or not data.get("examples"):
+        raise DataError(f"--hellaswag={path}: not a file of tokenized HellaSwag examples ({HELLASWAG_FORMAT}); {fix}")
+    examples = data["examples"]
+    largest = max(max(ex["context"] + sum(ex["endings"], [])) for ex in examples)
+    if largest >= vocab_size:
+        raise DataError(f"--hellaswag={path}: holds token {largest}, outside --vocab_size={vocab_size}; it was "
+                        f"tokenized for {data['tokenizer']}, so score a model of that vocabulary")
+    return examples
+
+
+def hellaswag_report(right: int, examples: int) -> str:
+    return f"hellaswag: {right}/{examples} right, accuracy {right / examples:.4f}"
+
+
+@torch.no_grad()
+def hellaswag_accuracy(model: "GPT", examples: list[dict], bos_id: int, windows, batch_tokens: int) -> tuple[int, int]:
+    """(right answers, examples) over all ranks, each scoring its share. An ending's score is the mean log-probability
+    of its tokens after BOS + context (the length-normalised completion score); the answer is the best-scoring ending.
+    Each context + ending is a document of its own, and the documents of several examples share a forward of at most
+    batch_tokens tokens (at most the model's rotary tables, HELLASWAG_BATCH_TOKENS at most)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = model.lm_head.device
+    mine = examples[rank::world]
+    groups, size = [], 0  # examples per forward: as many as fit in batch_tokens, at least one
+    for ex in mine:
+        tokens = sum(1 + len(ex["context"]) + len(ending) for ending in ex["endings"])
+        if not groups or size + tokens > batch_tokens:
+            groups.append([])
+            size = 0
+        groups[-1].append(ex)
+        size += tokens
+    was_training = model.training
+    model.eval()
+    right = 0
+    for group in groups:
+        docs = [[bos_id, *ex["context"], *ending] for ex in group for ending in ex["endings"]]
+        lengths = [len(doc) for doc in docs]
+        starts = np.cumsum([0] + lengths[:-1]).tolist()
+        flat = torch.tensor(list(itertools.chain(*docs)), dtype=torch.int32, device=device)
+        logits = model(flat, None, cu_seqlens_from_starts(starts, len(flat), device), max(lengths), *windows)
+        # an ending's tokens are the last len(ending) of its document, each predicted at the position before it
+        ending_lengths = [len(ending) for ex in group for ending in ex["endings"]]
+        targets = torch.tensor([start + length - n + i for start, length, n in zip(starts, lengths, ending_lengths)
+                                for i in range(n)], device=device)
+        log_probs = logits[targets - 1].log_softmax(-1).gather(1, flat[targets].long()[:, None]).squeeze(1)
+        scores = torch.stack([part.mean() for part in log_probs.split(ending_lengths)]).view(len(group), -1)
+        right += sum(int(scores[i].argmax()) == ex["label"] for i, ex in enumerate(group))
+    model.train(was_training)
+    counts = torch.tensor([right, len(mine)], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    return int(counts[0]), int(counts[1])
+
+
+# -----------------------------------------------------------------------------
 # Logging: rank 0 writes <log_dir>/<UTC time>_<run id>.txt and a .json beside it, flushed as they go
 
 SEPARATOR = "=" * 100
@@ -1570,6 +1648,12 @@ class RunLog:
         if self.enabled:
             self.record["val"].append({"step": step, "val_loss": loss, "train_time_ms": train_ms})
             self.record["steps_done"] = step
+            self._write_json()
+
+    def hellaswag(self, right: int, examples: int):
+        self.line(hellaswag_report(right, examples))
+        if self.enabled:
+            self.record["hellaswag"] = {"right": right, "examples": examples, "accuracy": right / examples}
             self._write_json()
 
     def finish(self, steps: int, train_ms: float, memory: tuple[int, int]):

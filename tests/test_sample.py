@@ -1,10 +1,15 @@
 """sample.py on a tiny-preset checkpoint: token ids in, token ids out; greedy decoding against the model's own argmax."""
+import json
+
 import pytest
 import torch
 
 import sample
 import train_gpt as tg
 from test_checkpoint import CPU, QuietLog, tiny_run_state
+from test_data import small_encoding
+from data import hellaswag
+from test_hellaswag import example_rows
 from test_numerics import process_group  # noqa: F401 (a fixture)
 from test_train import shards, tiny_args  # noqa: F401 (a fixture)
 
@@ -68,3 +73,13 @@ def test_a_folder_without_checkpoints_is_refused(tmp_path, capsys):
     assert sample.main([str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path}: not a checkpoint of train_gpt.py")
 
+
+def test_hellaswag_of_a_checkpoint(checkpoint, tmp_path, capsys):
+    examples = hellaswag.tokenize([{"ctx": c, "endings": e, "label": label} for c, e, label in example_rows(12)],
+                                  small_encoding())
+    path = tmp_path / "hellaswag_val.json"
+    path.write_text(json.dumps({"format": tg.HELLASWAG_FORMAT, "tokenizer": "small", "examples": examples}))
+    (line,) = sample_lines(capsys, checkpoint, "--hellaswag", path)
+    cfg, model = sample.load_model(tg.read_checkpoint(checkpoint / "step_000008"), CPU, 1024)
+    right, total = tg.hellaswag_accuracy(model, examples, cfg.bos_id, tg.final_windows(cfg, 8), 1024)
+    assert line == f"hellaswag: {right}/{total} right, accuracy {right / total:.4f}" and total == 12
