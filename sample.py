@@ -18,9 +18,7 @@ import sys
 import torch
 
 import train_gpt as tg
-from data.fineweb import gpt2_encoding
-
-GPT2_VOCAB_SIZE = 50257
+from data.fineweb import GPT2_VOCAB_SIZE, gpt2_encoding
 
 
 def parse_args(argv):
@@ -50,7 +48,7 @@ def open_checkpoint(path) -> dict:
     return tg.read_checkpoint(found[-1] if found else path)
 
 
-def load_model(meta: dict, device, max_seq_len: int) -> tuple[tg.Config, tg.GPT]:
+def build_model(meta: dict, device, max_seq_len: int) -> tuple[tg.Config, tg.GPT]:
     """The checkpoint's configuration and its model, ready to evaluate on `device` (in fp32 on a CPU, as trained there)."""
     saved = meta["config"]
     cfg = tg.Config(**{f.name: tuple(saved[f.name]) if isinstance(f.default, tuple) else saved[f.name]
@@ -103,7 +101,7 @@ def generate(model: tg.GPT, cfg: tg.Config, windows, prompt: list[int], tokens: 
 
 def score_hellaswag(args, meta: dict, device):
     examples = tg.load_hellaswag(args.hellaswag, meta["config"]["vocab_size"])
-    cfg, model = load_model(meta, device, tg.HELLASWAG_BATCH_TOKENS)
+    cfg, model = build_model(meta, device, tg.HELLASWAG_BATCH_TOKENS)
     windows = tg.final_windows(cfg, meta["step"])
     print(tg.hellaswag_report(*tg.hellaswag_accuracy(model, examples, cfg.bos_id, windows, tg.HELLASWAG_BATCH_TOKENS)))
 
@@ -113,7 +111,7 @@ def continue_prompts(args, meta: dict, device):
     encoding = gpt2_encoding() if vocab_size == GPT2_VOCAB_SIZE else None
     prompts = args.prompt or [""]
     ids = [prompt_ids(prompt, vocab_size, encoding) for prompt in prompts]
-    cfg, model = load_model(meta, device, 1 + max(map(len, ids)) + args.tokens)
+    cfg, model = build_model(meta, device, 1 + max(map(len, ids)) + args.tokens)
     windows = tg.final_windows(cfg, meta["step"])
     generator = torch.Generator(device).manual_seed(args.seed)
     for prompt, prompt_tokens in zip(prompts, ids):

@@ -114,6 +114,9 @@ def fineweb_files(sample: str, max_files: int | None) -> Iterator[Path]:
 # -----------------------------------------------------------------------------
 # Tokenizing into shards
 
+GPT2_VOCAB_SIZE = 50257  # BOS (<|endoftext|>) is the last token
+
+
 def gpt2_encoding() -> tiktoken.Encoding:
     """The GPT-2 tokenizer, whose files tiktoken downloads once and caches."""
     try:

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-from data.fineweb import gpt2_encoding
+from data.fineweb import GPT2_VOCAB_SIZE, gpt2_encoding
 from data.hub import FETCH_ERRORS, clear_staging, explain_failure, fetch
 from train_gpt import HELLASWAG_FORMAT, DataError, UserError, load_hellaswag
 
@@ -27,7 +27,6 @@ REPO_ID = "Rowan/hellaswag"
 FILENAME = "data/validation-00000-of-00001.parquet"  # the validation split, as the Hub serves the dataset
 NUM_EXAMPLES = 10042
 RAW_NAME, OUT_NAME = "hellaswag_val.parquet", "hellaswag_val.json"
-GPT2_VOCAB_SIZE = 50257
 
 
 def read_examples(path: Path) -> list[dict]:

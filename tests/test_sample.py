@@ -40,7 +40,7 @@ def test_greedy_continuations_take_the_likeliest_token_each_time(checkpoint, cap
     (line,) = sample_lines(capsys, checkpoint, "--prompt", "5 17 230", "--temperature", "0", "--tokens", "12")
     continuation = [int(token) for token in line.split()]
     assert 1 <= len(continuation) <= 12
-    cfg, model = sample.load_model(tg.read_checkpoint(checkpoint / "step_000008"), CPU, 64)
+    cfg, model = sample.build_model(tg.read_checkpoint(checkpoint / "step_000008"), CPU, 64)
     ids = [cfg.bos_id, 5, 17, 230]
     for token in continuation:  # each one the argmax of the model's logits after the tokens before it
         logits = model(torch.tensor(ids, dtype=torch.int32), None, tg.cu_seqlens_from_starts([0], len(ids), CPU),
@@ -80,6 +80,6 @@ def test_hellaswag_of_a_checkpoint(checkpoint, tmp_path, capsys):
     path = tmp_path / "hellaswag_val.json"
     path.write_text(json.dumps({"format": tg.HELLASWAG_FORMAT, "tokenizer": "small", "examples": examples}))
     (line,) = sample_lines(capsys, checkpoint, "--hellaswag", path)
-    cfg, model = sample.load_model(tg.read_checkpoint(checkpoint / "step_000008"), CPU, 1024)
+    cfg, model = sample.build_model(tg.read_checkpoint(checkpoint / "step_000008"), CPU, 1024)
     right, total = tg.hellaswag_accuracy(model, examples, cfg.bos_id, tg.final_windows(cfg, 8), 1024)
     assert line == f"hellaswag: {right}/{total} right, accuracy {right / total:.4f}" and total == 12
