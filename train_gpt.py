@@ -1172,10 +1172,10 @@ def setup_device(cfg: Config):
 
 def train(cfg: Config, device, rank: int, world: int, log: "RunLog", started: float, resume: dict | None = None):
     grad_accum, micro_tokens = batch_split(cfg, world)
+    hellaswag = load_hellaswag(cfg.hellaswag, cfg.vocab_size) if cfg.hellaswag else None
     train_files = list_shards(cfg.train_files, "train_files")
     val_data = val_batches(list_shards(cfg.val_files, "val_files"), cfg, rank, world, device)
-    batches = TrainBatches(train_files, cfg, rank, world, device)
-    hellaswag = load_hellaswag(cfg.hellaswag, cfg.vocab_size) if cfg.hellaswag else None
+    batches = TrainBatches(train_files, cfg, rank, world, device)  # starts reading the first shard on a thread
     log.line(f"world size {world}, {grad_accum} micro-steps of {micro_tokens} tokens per rank, "
              f"{len(train_files)} training shards, {cfg.val_tokens} validation tokens")
 

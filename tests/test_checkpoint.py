@@ -11,7 +11,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 import train_gpt as tg
