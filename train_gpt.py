@@ -5,7 +5,8 @@ validation loss, with NorMuon + Adam and cautious weight decay scheduled as lr x
     python train_gpt.py --preset=tiny                        # a small run on synthetic shards, CPU is fine
     python train_gpt.py --help                               # every hyperparameter with its default
 
-Sections follow a batch: configuration, kernels, optimizers, model, data loading, training loop, logging.
+Sections follow a batch: configuration, kernels, optimizers, model, data loading, training loop, checkpoints,
+HellaSwag, logging.
 """
 import argparse
 import contextlib
@@ -20,6 +21,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,9 +40,13 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
 from torch.nn.attention.varlen import varlen_attn
 
 try:
@@ -134,6 +140,12 @@ class Config:
                          "off: the lm_head's FP8 matmul in training; bf16 when off")
     log_dir: str = _arg("logs", "folder of the record files")
     checkpoint: str = _arg("", "where rank 0 saves the final model's state_dict (empty: not saved)")
+    save_every: int = _arg(0, "steps between checkpoints that resume the run exactly, plus one at the end (0: none)")
+    keep_checkpoints: int = _arg(2, "how many of the newest checkpoints to keep")
+    checkpoint_dir: str = _arg("checkpoints", "folder of the run's checkpoints, step_<S>/ each; one run per folder")
+    resume: str = _arg("", "checkpoint folder to continue, or auto: the newest in --checkpoint_dir (none there: start afresh)")
+    hellaswag: str = _arg("", "tokenized HellaSwag examples to score after training, as data/hellaswag.py makes them "
+                              "(data/hellaswag/hellaswag_val.json); empty: none")
 
     @property
     def num_iterations(self) -> int:
@@ -224,11 +236,13 @@ def check_config(cfg: Config):
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"--{name}={getattr(cfg, name)}: choose one of {', '.join(allowed)}")
     for name in ("val_tokens", "val_seq_tokens", "train_batch_tokens", "micro_batch_tokens", "max_doc_tokens",
-                 "model_dim", "num_heads", "head_dim", "num_scheduled_iterations", "window_block", "lion_lr_scale"):
+                 "model_dim", "num_heads", "head_dim", "num_scheduled_iterations", "window_block", "lion_lr_scale",
+                 "keep_checkpoints"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name}={getattr(cfg, name)}: must be positive")
     for name in ("num_extension_iterations", "warmup_steps", "val_loss_every", "max_steps", "weight_decay",
-                 "adam_weight_decay", "embed_wd_mul", "value_embed_wd_mul", "lm_head_wd_mul", "scalar_wd_mul"):
+                 "adam_weight_decay", "embed_wd_mul", "value_embed_wd_mul", "lm_head_wd_mul", "scalar_wd_mul",
+                 "save_every"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name}={getattr(cfg, name)}: must not be negative")
     for name in ("adam_beta1", "adam_beta2", "lion_beta1", "lion_beta2"):
@@ -563,15 +577,21 @@ class NorMuon(torch.optim.Optimizer):
         padding = [torch.zeros_like(params[0])] * (per_rank * dist.get_world_size() - len(params))
         return reduce_scatter_mean(torch.stack([p.grad for p in params] + padding))
 
+    def my_runs(self, group) -> list[list[Tensor]]:
+        """The parameters of `group` that this rank updates, in runs of one kind (a rank may hold attention and MLP
+        matrices), each updated as one batch. A run's state is kept under its first parameter, every tensor of it
+        stacking the run's members along dim 0."""
+        params = group["params"]
+        per_rank = -(-len(params) // dist.get_world_size())
+        mine = params[dist.get_rank() * per_rank:][:per_rank]
+        return [list(run) for _, run in itertools.groupby(mine, key=lambda p: getattr(p, "matrices", 1))]
+
     def _update_group(self, group, local_grads: Tensor, wait_grads):
         params = group["params"]
         per_rank = local_grads.size(0)
-        mine = params[dist.get_rank() * per_rank:][:per_rank]
         wait_grads()
         done = 0
-        # a rank may hold parameters of both kinds (attention and MLP): each run of one kind is one batch
-        for _, run in itertools.groupby(mine, key=lambda p: getattr(p, "matrices", 1)):
-            run = list(run)
+        for run in self.my_runs(group):
             weights = torch.stack(run)
             self._update(group, run, weights, local_grads[done:done + len(run)])
             local_grads[done:done + len(run)] = weights  # the gradient buffer doubles as the all-gather's send buffer
@@ -832,7 +852,7 @@ class GPT(nn.Module):
         self.scalars = nn.Parameter(torch.cat(scalars + [torch.ones(next_multiple(used, world_size) - used)]))
         self.fp8_head = False  # FP8 lm_head in training, set on CUDA
 
-    def forward(self, inputs: Tensor, targets: Tensor, cu_seqlens: Tensor, max_seqlen: int, short_window: int, long_window: int):
+    def forward(self, inputs: Tensor, targets: Tensor | None, cu_seqlens: Tensor, max_seqlen: int, short_window: int, long_window: int):
         L = NUM_LAYERS
         s = self.scalars
         skip_weights, lambdas, v_lambdas = s[:L], s[L:3 * L].view(L, 2), s[3 * L:5 * L].view(L, 2)
@@ -860,6 +880,8 @@ class GPT(nn.Module):
         else:
             logits = F.linear(x, self.lm_head.type_as(x))
         logits = LOGIT_CAP * torch.sigmoid(logits.float() / LOGIT_TEMPERATURE)
+        if targets is None:  # sampling and HellaSwag read the logits themselves
+            return logits
         return F.cross_entropy(logits, targets, reduction="sum" if self.training else "mean")
 
 
@@ -989,10 +1011,13 @@ class DocumentStream:
     8-GPU record run; since this is decided per global batch, every world size sees the same batches.
     The next shard is read and indexed on a background thread."""
 
-    def __init__(self, files: list[Path], cfg: Config):
+    def __init__(self, files: list[Path], cfg: Config, next_file: int = 0, doc: int = 0):
         self.files, self.cfg = files, cfg
-        self.next_file, self.tokens, self.doc = 0, None, 0
+        self.next_file, self.tokens, self.doc = max(next_file - 1, 0), None, 0
         self._start_loading()
+        if next_file:  # a position() of an earlier stream: open its current shard now, prefetch the one after
+            self._next_shard()
+            self.doc = doc
 
     def _start_loading(self):
         self._loaded = {}
@@ -1062,7 +1087,17 @@ class TrainBatches:
         self.reset()
 
     def reset(self):
-        self.stream = DocumentStream(self.files, self.cfg)
+        self.seek((0, 0))
+
+    def position(self) -> tuple[int, int]:
+        """Where the next global batch starts, the same on every rank and at every world size: (index of the next
+        shard to open, document of the current shard). Taken between optimizer steps, when no sequence is pending."""
+        assert not self.mine, "a step's sequences are still pending"
+        return self.stream.next_file, self.stream.doc
+
+    def seek(self, position: tuple[int, int]):
+        """Go on from a position() of a loader over the same shards."""
+        self.stream = DocumentStream(self.files, self.cfg, *position)
         self.mine = []
 
     def next(self):
@@ -1131,10 +1166,21 @@ def muon_momentum(cfg: Config, step: int) -> float:
     return high
 
 
+def final_step(cfg: Config) -> int:
+    """The step at which the run stops: the end of the schedule, or --max_steps before it."""
+    return min(cfg.num_iterations, cfg.max_steps) if cfg.max_steps else cfg.num_iterations
+
+
 def long_window(cfg: Config, step: int) -> int:
     if step >= cfg.num_scheduled_iterations:
         return cfg.window_extension
     return cfg.window_schedule[step * len(cfg.window_schedule) // cfg.num_scheduled_iterations]
+
+
+def final_windows(cfg: Config, step: int) -> tuple[int, int]:
+    """(short, long) attention windows for evaluating the model after `step` steps, as the final validation does:
+    the last training step's short window and the wider final long window (the rotary state stays as trained)."""
+    return long_window(cfg, max(step - 1, 0)) // 2, cfg.window_final_val
 
 
 def set_schedules(cfg: Config, optimizers, step: int):
@@ -1344,21 +1390,23 @@ class Inputs(NamedTuple):
     micro_tokens: int
     train_files: list[Path]
     val_data: list[tuple]
+    hellaswag: list[dict] | None
 
 
 def check_inputs(cfg: Config, rank: int, world: int, device) -> Inputs:
     """Everything that can be checked before the first step, so that a bad input stops the run before it has a
     record: the batch split, the shards' headers, the first training shard's tokens, the validation data, the
-    folders rank 0 writes to and the compile cache."""
+    HellaSwag file, the folders rank 0 writes to and the compile cache."""
     grad_accum, micro_tokens = batch_split(cfg, world)
     train_files = list_shards(cfg.train_files, "train_files")
     check_first_shard(train_files[0], cfg)
     val_data = val_batches(list_shards(cfg.val_files, "val_files"), cfg, rank, world, device)
+    hellaswag = load_hellaswag(cfg.hellaswag, cfg.vocab_size) if cfg.hellaswag else None
     if rank == 0:
         check_output_folders(cfg)
     if compiles(cfg, device):
         persist_compiled_kernels(cfg)
-    return Inputs(grad_accum, micro_tokens, train_files, val_data)
+    return Inputs(grad_accum, micro_tokens, train_files, val_data, hellaswag)
 
 
 def check_first_shard(path: Path, cfg: Config):
@@ -1407,15 +1455,17 @@ def agreed(check):
     return result
 
 
-def train(cfg: Config, device, rank: int, world: int, inputs: Inputs, log: "RunLog", started: float):
+def train(cfg: Config, device, rank: int, world: int, inputs: Inputs, log: "RunLog", started: float,
+          resume: dict | None = None):
     startup = {"data_s": time.perf_counter() - started}  # set-up, flags and every check of the inputs
-    grad_accum, micro_tokens, train_files, val_data = inputs
-    batches = TrainBatches(train_files, cfg, rank, world, device)
+    grad_accum, micro_tokens, train_files, val_data, hellaswag = inputs
+    batches = TrainBatches(train_files, cfg, rank, world, device)  # starts reading the first shard on a thread
     log.line(f"world size {world}, {grad_accum} micro-steps of {micro_tokens} tokens per rank, "
              f"{len(train_files)} training shards, {cfg.val_tokens} validation tokens")
 
     torch.manual_seed(cfg.seed)
-    raw_model = GPT(cfg, max(micro_tokens, cfg.val_seq_tokens), world).to(device)
+    longest_example = max(map(hellaswag_example_tokens, hellaswag)) if hellaswag else 0
+    raw_model = GPT(cfg, max(micro_tokens, cfg.val_seq_tokens, longest_example), world).to(device)
     if device.type == "cpu":
         raw_model.float()  # most CPUs emulate bf16 arithmetic, several times slower than fp32
     for p in raw_model.parameters():
@@ -1446,26 +1496,38 @@ def train(cfg: Config, device, rank: int, world: int, inputs: Inputs, log: "RunL
         optimizers = make_optimizers(cfg, raw_model)
     del initial_state
 
-    total_steps = cfg.num_iterations
-    stop = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    windows = (long_window(cfg, 0) // 2, long_window(cfg, 0))
-    train_ms = 0.0
+    start, train_ms = 0, 0.0
+    if resume is not None:
+        start, train_ms = load_checkpoint(resume, raw_model, optimizers, batches)
+    elif cfg.resume == "auto":
+        log.line(f"--resume=auto: no checkpoint in {cfg.checkpoint_dir}, starting afresh")
+    total_steps, stop = cfg.num_iterations, final_step(cfg)
+    windows = (long_window(cfg, max(start - 1, 0)) // 2, long_window(cfg, max(start - 1, 0)))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    flops = 0.0  # model FLOPs of the steps done, for MFU
+    # model FLOPs of the steps done, for MFU, those before a resumed run's checkpoint included
+    flops = sum(cfg.train_batch_tokens * training_flops_per_token(cfg, long_window(cfg, s) // 2, long_window(cfg, s))
+                for s in range(start))
     sync()
     startup["compile_and_warmup_s"] = time.perf_counter() - started - startup["data_s"] - startup["model_s"]
     log.startup(startup)
     t0 = time.perf_counter()
-    for step in range(stop + 1):
+    for step in range(start, stop + 1):
         last = step == stop
-        if last or step == 0 or (cfg.val_loss_every and step % cfg.val_loss_every == 0):
+        # a resumed run validated its first step before the checkpoint was written
+        validate = (last or step == 0 or (cfg.val_loss_every and step % cfg.val_loss_every == 0)) and (
+            resume is None or step > start)
+        save = cfg.save_every and step > start and (last or step % cfg.save_every == 0)
+        if validate or save:
             check.check()
             sync()
             train_ms += 1000 * (time.perf_counter() - t0)
-            val_windows = (windows[0], cfg.window_final_val) if last else windows
-            with explain_out_of_memory(cfg, world, training=False):
-                loss = evaluate(model, val_data, val_windows, device)
-            log.val(step, stop, total_steps, loss, train_ms)
+            if validate:
+                val_windows = final_windows(cfg, step) if last else windows
+                with explain_out_of_memory(cfg, world, training=False):
+                    loss = evaluate(model, val_data, val_windows, device)
+                log.val(step, stop, total_steps, loss, train_ms)
+            if save:
+                save_checkpoint(cfg, step, train_ms, raw_model, optimizers, batches, log)
             sync()
             t0 = time.perf_counter()
         if last:
@@ -1478,9 +1540,13 @@ def train(cfg: Config, device, rank: int, world: int, inputs: Inputs, log: "RunL
         check.push(f"step {step + 1}", loss)
         flops += cfg.train_batch_tokens * training_flops_per_token(cfg, *windows)
         log.step(step + 1, total_steps, train_ms + 1000 * (time.perf_counter() - t0), check.latest, flops)
+    memory = peak_memory(device)  # of the training, as the record reports it
+    if hellaswag is not None:
+        batch_tokens = min(HELLASWAG_BATCH_TOKENS, raw_model.rotary.cos.size(0))
+        log.hellaswag(*hellaswag_accuracy(raw_model, hellaswag, cfg.bos_id, final_windows(cfg, stop), batch_tokens))
     if cfg.checkpoint and rank == 0:
         torch.save(raw_model.state_dict(), cfg.checkpoint)
-    log.finish(stop, train_ms, peak_memory(device))
+    log.finish(stop, train_ms, memory)
     dist.barrier()  # no rank tears the group down while another is still in a collective
 
 
@@ -1514,9 +1580,10 @@ def main(argv=None) -> int:
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
         device, rank, world = setup_device(cfg)
+        resume = agreed(lambda: find_resume(cfg, device, world))
         inputs = agreed(lambda: check_inputs(cfg, rank, world, device))
-        log = RunLog(cfg, rank, world, device)
-        train(cfg, device, rank, world, inputs, log, started)
+        log = RunLog(cfg, rank, world, device, resume)
+        train(cfg, device, rank, world, inputs, log, started, resume)
         return 0
     except Interrupted as e:
         if log is not None:
@@ -1541,6 +1608,285 @@ def main(argv=None) -> int:
 
 
 # -----------------------------------------------------------------------------
+# Checkpoints: <checkpoint_dir>/step_<S>/ holds torch.distributed.checkpoint files and a meta.json; a run resumed from
+# one goes on exactly as if it had never stopped, at its own world size, and correctly at another
+
+CHECKPOINT_FORMAT = "train_gpt-checkpoint/1"
+# Flags that may change when a run resumes: they steer or record the run but do not change what it computes.
+RESUMABLE_CHANGES = ("preset", "max_steps", "val_loss_every", "warmup_steps", "device", "compile", "compile_cache",
+                     "log_dir", "checkpoint", "save_every", "keep_checkpoints", "checkpoint_dir", "resume", "hellaswag")
+
+
+# sample.py reads checkpoints in a single process, without a process group, on purpose.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+class CheckpointError(UserError):
+    pass
+
+
+def checkpoint_folders(folder) -> list[Path]:
+    """The checkpoints in `folder`, oldest first. A checkpoint gets its step_<S> name only once complete."""
+    found = [p for p in Path(folder).glob("step_*") if p.name[5:].isdigit() and (p / "meta.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def read_checkpoint(path) -> dict:
+    """A checkpoint's meta.json, with its folder under "path"; anything else is refused."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint folder; give a step_<S> folder written with --save_every")
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT or not (path / ".metadata").is_file():
+        raise CheckpointError(f"{path}: not a checkpoint of train_gpt.py (no readable meta.json of format "
+                              f"{CHECKPOINT_FORMAT} and .metadata in it); give a step_<S> folder written with --save_every")
+    return {**meta, "path": str(path)}
+
+
+def find_resume(cfg: Config, device, world: int) -> dict | None:
+    """The checkpoint that this run continues, checked against the run before any work is done; None to start afresh.
+    A fresh run that would write its checkpoints among another run's is refused."""
+    existing = checkpoint_folders(cfg.checkpoint_dir)
+    if not cfg.resume:
+        if cfg.save_every and existing:
+            raise CheckpointError(f"--checkpoint_dir={cfg.checkpoint_dir} already holds checkpoints of a run (newest: "
+                                  f"{existing[-1].name}); continue that run with --resume=auto, or give this one "
+                                  "another --checkpoint_dir")
+        return None
+    if cfg.resume == "auto" and not existing:
+        return None
+    meta = read_checkpoint(existing[-1] if cfg.resume == "auto" else cfg.resume)
+    here = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as lists, as the saved config has them
+    differing = [f"--{name} is {meta['config'].get(name)} there, {value} here" for name, value in here.items()
+                 if name not in RESUMABLE_CHANGES and meta["config"].get(name) != value]
+    if differing:
+        raise CheckpointError(f"{meta['path']} belongs to a run with another configuration: {'; '.join(differing)}; "
+                              "resume with that run's flags (its meta.json lists them) or start afresh without --resume")
+    if meta["device"] != device.type:
+        raise CheckpointError(f"{meta['path']} was written on {meta['device']} and holds that device's number formats; "
+                              f"resume it on {meta['device']} (sample.py reads it on any device)")
+    if meta["pending_grads"] and meta["world_size"] != world:
+        raise CheckpointError(f"{meta['path']} was saved after an odd step, when Adam's gradients are still "
+                              f"accumulating in each of its {meta['world_size']} processes; resume it with "
+                              f"{meta['world_size']} processes, or resume from a checkpoint at an even step")
+    if meta["step"] >= cfg.num_iterations:
+        raise CheckpointError(f"{meta['path']} is the end of a finished run (step {meta['step']}), so there is "
+                              "nothing left to train; sample from it with sample.py, or start afresh")
+    if meta["step"] >= final_step(cfg):
+        raise CheckpointError(f"{meta['path']} is at step {meta['step']}, and --max_steps={cfg.max_steps} stops the "
+                              f"run there; raise --max_steps to train on (0: all {cfg.num_iterations} steps)")
+    return meta
+
+
+def adam_params(adam: DistAdam) -> list[Tensor]:
+    return [p for group in adam.param_groups for p in group["params"]]
+
+
+def checkpoint_state(raw_model: "GPT", optimizers) -> dict:
+    """This rank's part of everything the run's future depends on, keyed so that any world size can read it back:
+    the model and the rotary state that YaRN changes (the same on every rank, so written once), NorMuon's state per
+    parameter (on the rank that updates it), DistAdam's per-rank slices as one tensor sharded along dim 0, Adam's
+    gradients of an odd step (not yet averaged over the processes) and the random number generators."""
+    normuon, adam = optimizers
+    names = {p: name for name, p in raw_model.named_parameters()}
+    state = {f"model/{name}": t for name, t in raw_model.state_dict().items()}
+    state |= {f"rotary/{name}": buf for name, buf in raw_model.rotary.named_buffers()}
+    # nothing draws random numbers after the initialisation today; kept so that something that does resumes exactly
+    state["rng/cpu"] = torch.get_rng_state()
+    if raw_model.lm_head.is_cuda:
+        state["rng/cuda"] = torch.cuda.get_rng_state()
+    for group in normuon.param_groups:
+        for run in normuon.my_runs(group):
+            for key, value in normuon.state[run[0]].items():
+                state |= {f"normuon/{names[p]}/{key}": part for p, part in zip(run, value.chunk(len(run)))}
+    world = dist.get_world_size()
+    mesh = init_device_mesh(raw_model.lm_head.device.type, (world,))
+    for p in adam_params(adam):
+        for key, value in adam.state[p].items():
+            sliced = torch.is_tensor(value) and value.dim() > 0 and value.size(0) * world == p.size(0)
+            state[f"adam/{names[p]}/{key}"] = DTensor.from_local(value, mesh, [Shard(0)], run_check=False) if sliced else value
+        if p.grad is not None:
+            state[f"grad/{dist.get_rank()}/{names[p]}"] = p.grad
+    return state
+
+
+def save_checkpoint(cfg: Config, step: int, train_ms: float, raw_model: "GPT", optimizers, batches: TrainBatches,
+                    log: "RunLog"):
+    """Write <checkpoint_dir>/step_<step> through a hidden temporary folder renamed once complete, so that a crash
+    mid-save leaves the earlier checkpoints as they were; then keep the newest --keep_checkpoints."""
+    started = time.perf_counter()
+    folder = Path(cfg.checkpoint_dir)
+    path, tmp = folder / f"step_{step:06d}", folder / f".step_{step:06d}.tmp"
+    if dist.get_rank() == 0:
+        for leftover in folder.glob(".step_*.tmp"):  # saves cut short by a crash
+            shutil.rmtree(leftover)
+    dist.barrier()
+    dcp.save(checkpoint_state(raw_model, optimizers), checkpoint_id=tmp)  # returns once every rank's files are written
+    if dist.get_rank() == 0:
+        pending = any(p.grad is not None for p in adam_params(optimizers[1]))
+        meta = {"format": CHECKPOINT_FORMAT, "step": step, "train_time_ms": train_ms, "loader": batches.position(),
+                "world_size": dist.get_world_size(), "device": raw_model.lm_head.device.type, "pending_grads": pending,
+                "config": dataclasses.asdict(cfg), "record": log.record}
+        with open(tmp / "meta.json", "w") as f:
+            f.write(json.dumps(meta, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(path, ignore_errors=True)  # this step saved by an earlier attempt that crashed later
+        os.replace(tmp, path)
+        for old in checkpoint_folders(folder)[:-cfg.keep_checkpoints]:
+            shutil.rmtree(old)
+    dist.barrier()
+    log.line(f"checkpoint {path} written in {time.perf_counter() - started:.1f}s")
+
+
+def read_checkpoint_tensors(path, wanted) -> dict:
+    """The entries of a checkpoint whose keys pass `wanted`, read whole onto the CPU (sharded ones reassembled)."""
+    metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    state = {key: torch.empty(m.size, dtype=m.properties.dtype) if isinstance(m, TensorStorageMetadata) else None
+             for key, m in metadata.items() if wanted(key)}
+    dcp.load(state, checkpoint_id=path)
+    return state
+
+
+def copy_common(dst: Tensor, src: Tensor):
+    """dst[:n] = src[:n] over the rows both have: the scalar vector is padded to a multiple of the world size, so its
+    length can differ between a checkpoint and the run reading it (the padding is never trained)."""
+    n = min(dst.size(0), src.size(0))
+    dst[:n].copy_(src[:n])
+
+
+@torch.no_grad()
+def load_model(saved: dict, raw_model: "GPT"):
+    """Parameters and rotary state from read_checkpoint_tensors."""
+    for name, t in raw_model.state_dict().items():
+        copy_common(t, saved[f"model/{name}"])
+    rotary = raw_model.rotary
+    rotary.angular_freq.copy_(saved["rotary/angular_freq"])
+    rotary.attn_scale.copy_(saved["rotary/attn_scale"])
+    rotary._rebuild()  # for positions beyond the saved tables, in a model made for longer sequences
+    # the saved tables where they reach: on a CPU those made before .float() hold bf16-rounded values, rebuilt ones do not
+    copy_common(rotary.cos, saved["rotary/cos"])
+    copy_common(rotary.sin, saved["rotary/sin"])
+
+
+@torch.no_grad()
+def load_checkpoint(meta: dict, raw_model: "GPT", optimizers, batches: TrainBatches) -> tuple[int, float]:
+    """Put the run in the state of checkpoint `meta` (from find_resume), the optimizers' state dealt out to this world
+    size; returns the step to go on from and the training time so far in ms."""
+    normuon, adam = optimizers
+    rank, world = dist.get_rank(), dist.get_world_size()
+    names = {p: name for name, p in raw_model.named_parameters()}
+    mine = {names[p] for group in normuon.param_groups for run in normuon.my_runs(group) for p in run}
+
+    def wanted(key: str) -> bool:  # everything but other ranks' NorMuon parameters and gradients
+        kind, name = key.split("/")[:2]
+        return {"normuon": name in mine, "grad": name == str(rank)}.get(kind, True)
+
+    saved = read_checkpoint_tensors(meta["path"], wanted)
+    load_model(saved, raw_model)
+    for group in normuon.param_groups:
+        for run in normuon.my_runs(group):
+            keys = [key.rsplit("/", 1)[1] for key in saved if key.startswith(f"normuon/{names[run[0]]}/")]
+            normuon.state[run[0]] = {key: torch.cat([saved[f"normuon/{names[p]}/{key}"] for p in run]).to(run[0].device)
+                                     for key in keys}
+    for p in adam_params(adam):
+        saved_rows = saved[f"model/{names[p]}"].size(0)
+        rows = p.size(0) // world
+        for key in [key for key in saved if key.startswith(f"adam/{names[p]}/")]:
+            value = saved[key]
+            if torch.is_tensor(value) and value.dim() > 0 and value.size(0) == saved_rows:  # saved sharded: take our slice
+                local = torch.zeros((rows, *value.shape[1:]), dtype=value.dtype, device=p.device)
+                copy_common(local, value[rank * rows:(rank + 1) * rows])
+                value = local
+            adam.state[p][key.rsplit("/", 1)[1]] = value.to(p.device) if torch.is_tensor(value) else value
+        if f"grad/{rank}/{names[p]}" in saved:
+            p.grad = saved[f"grad/{rank}/{names[p]}"].to(p.device)
+    torch.set_rng_state(saved["rng/cpu"])
+    if "rng/cuda" in saved:
+        torch.cuda.set_rng_state(saved["rng/cuda"])
+    batches.seek(tuple(meta["loader"]))
+    return meta["step"], meta["train_time_ms"]
+
+
+# -----------------------------------------------------------------------------
+# HellaSwag: which of four endings the model finds likeliest, per token, after each context
+
+HELLASWAG_FORMAT = "train_gpt-hellaswag/1"
+HELLASWAG_BATCH_TOKENS = 8192  # tokens per forward: their logits over GPT-2's vocabulary take 1.6 GB
+
+
+def load_hellaswag(path, vocab_size: int) -> list[dict]:
+    """Tokenized examples {"context", "endings", "label"} from data/hellaswag.py, checked against the vocabulary."""
+    fix = "make it with `python data/hellaswag.py`"
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise DataError(f"--hellaswag={path}: cannot be read ({e.strerror}); {fix}") from None
+    except ValueError:
+        raise DataError(f"--hellaswag={path}: not JSON, so damaged; {fix}") from None
+    if not isinstance(data, dict) or data.get("format") != HELLASWAG_FORMAT or not data.get("examples"):
+        raise DataError(f"--hellaswag={path}: not a file of tokenized HellaSwag examples ({HELLASWAG_FORMAT}); {fix}")
+    examples = data["examples"]
+    largest = max(max(ex["context"] + sum(ex["endings"], [])) for ex in examples)
+    if largest >= vocab_size:
+        raise DataError(f"--hellaswag={path}: holds token {largest}, outside --vocab_size={vocab_size}; it was "
+                        f"tokenized for {data['tokenizer']}, so score a model of that vocabulary")
+    return examples
+
+
+def hellaswag_report(right: int, examples: int) -> str:
+    return f"hellaswag: {right}/{examples} right, accuracy {right / examples:.4f}"
+
+
+@torch.no_grad()
+def hellaswag_example_tokens(example: dict) -> int:
+    """Tokens of one example's forward: BOS + context + ending, for each ending."""
+    return sum(1 + len(example["context"]) + len(ending) for ending in example["endings"])
+
+
+def hellaswag_accuracy(model: "GPT", examples: list[dict], bos_id: int, windows, batch_tokens: int) -> tuple[int, int]:
+    """(right answers, examples) over all ranks, each scoring its share. An ending's score is the mean log-probability
+    of its tokens after BOS + context (the length-normalised completion score); the answer is the best-scoring ending.
+    Each context + ending is a document of its own, and the documents of several examples share a forward of at most
+    batch_tokens tokens (at most the model's rotary tables, HELLASWAG_BATCH_TOKENS at most)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = model.lm_head.device
+    mine = examples[rank::world]
+    groups, size = [], 0  # examples per forward: as many as fit in batch_tokens, at least one
+    for ex in mine:
+        tokens = hellaswag_example_tokens(ex)
+        if not groups or size + tokens > batch_tokens:
+            groups.append([])
+            size = 0
+        groups[-1].append(ex)
+        size += tokens
+    was_training = model.training
+    model.eval()
+    right = 0
+    for group in groups:
+        docs = [[bos_id, *ex["context"], *ending] for ex in group for ending in ex["endings"]]
+        lengths = [len(doc) for doc in docs]
+        starts = np.cumsum([0] + lengths[:-1]).tolist()
+        flat = torch.tensor(list(itertools.chain(*docs)), dtype=torch.int32, device=device)
+        logits = model(flat, None, cu_seqlens_from_starts(starts, len(flat), device), max(lengths), *windows)
+        # an ending's tokens are the last len(ending) of its document, each predicted at the position before it
+        ending_lengths = [len(ending) for ex in group for ending in ex["endings"]]
+        targets = torch.tensor([start + length - n + i for start, length, n in zip(starts, lengths, ending_lengths)
+                                for i in range(n)], device=device)
+        log_probs = logits[targets - 1].log_softmax(-1).gather(1, flat[targets].long()[:, None]).squeeze(1)
+        scores = torch.stack([part.mean() for part in log_probs.split(ending_lengths)]).view(len(group), -1)
+        right += sum(int(scores[i].argmax()) == ex["label"] for i, ex in enumerate(group))
+    model.train(was_training)
+    counts = torch.tensor([right, len(mine)], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    return int(counts[0]), int(counts[1])
+
+
+# -----------------------------------------------------------------------------
 # Logging: rank 0 writes <log_dir>/<UTC time>_<run id>.txt and a .json beside it, flushed as they go
 
 SEPARATOR = "=" * 100
@@ -1562,21 +1908,24 @@ def hardware_report() -> str:
 
 class RunLog:
     """The record files of rank 0; on other ranks every method does nothing. The .json is rewritten at each
-    validation and when the run ends; `steps_done` follows the step lines."""
+    validation and when the run ends; `steps_done` follows the step lines. A resumed run continues its record."""
 
-    def __init__(self, cfg: Config, rank: int, world: int, device):
+    def __init__(self, cfg: Config, rank: int, world: int, device, resumed: dict | None = None):
         self.enabled = rank == 0
         if not self.enabled:
             return
         self.batch_tokens = cfg.train_batch_tokens
         peak = peak_bf16_flops(device)
         self.peak_flops = peak and peak * world  # of all GPUs together
+        folder = Path(cfg.log_dir)  # made by check_output_folders
+        env = environment(device, world)
+        if resumed is not None:
+            self._continue(folder, cfg, env, resumed)
+            return
         started = datetime.datetime.now(datetime.timezone.utc)
         run_id = uuid.uuid4().hex[:8]
         stem = f"{started:%Y-%m-%d_%H-%M-%S}_{run_id}"
-        folder = Path(cfg.log_dir)  # made by check_output_folders
         self.txt_path, self.json_path = folder / f"{stem}.txt", folder / f"{stem}.json"
-        env = environment(device, world)
         self.record = {"format": "train_gpt-record/1", "run_id": run_id, "status": "running",
                        "started_utc": started.strftime("%Y-%m-%dT%H:%M:%SZ"), "log_file": self.txt_path.name,
                        "config": dataclasses.asdict(cfg), "env": env, "num_steps": cfg.num_iterations, "steps_done": 0,
@@ -1589,6 +1938,22 @@ class RunLog:
         self.file.write("config: " + json.dumps(dataclasses.asdict(cfg)) + "\n")
         self.file.write(f"Python {env['python']}, PyTorch {env['torch']}, Triton {env['triton'] or 'not installed'}\n")
         self.file.write(hardware_report() + "\n" + SEPARATOR + "\n")
+        self.file.flush()
+        self._write_json()
+
+    def _continue(self, folder: Path, cfg: Config, env: dict, resumed: dict):
+        """Go on with the record files of the run that checkpoint `resumed` belongs to: the text log grows, and the
+        JSON record returns to the checkpoint's (points of the interrupted attempt after it are computed again)."""
+        self.record = {**resumed["record"], "status": "running", "error": None, "config": dataclasses.asdict(cfg),
+                       "env": env}
+        self.record["resumed"] = self.record.get("resumed", []) + [
+            {"step": resumed["step"], "checkpoint": resumed["path"], "world_size": env["world_size"]}]
+        self.txt_path = folder / self.record["log_file"]
+        self.json_path = self.txt_path.with_suffix(".json")
+        self.file = open(self.txt_path, "a")
+        print(f"record: {self.txt_path} (continued)", flush=True)
+        self.file.write(f"{SEPARATOR}\nresumed from {resumed['path']} at step {resumed['step']}\n"
+                        f"config: {json.dumps(dataclasses.asdict(cfg))}\n{SEPARATOR}\n")
         self.file.flush()
         self._write_json()
 
@@ -1635,6 +2000,12 @@ class RunLog:
                   f"step_avg:{train_ms / max(step, 1):.2f}ms{eta}")
         self.record["val"].append({"step": step, "val_loss": loss, "train_time_ms": train_ms})
         self._write_json()
+
+    def hellaswag(self, right: int, examples: int):
+        self.line(hellaswag_report(right, examples))
+        if self.enabled:
+            self.record["hellaswag"] = {"right": right, "examples": examples, "accuracy": right / examples}
+            self._write_json()
 
     def finish(self, steps: int, train_ms: float, memory: tuple[int, int]):
         if not self.enabled:

@@ -8,73 +8,46 @@ Shards already there and valid are skipped. A shard appears under its name only 
 checked, so an interrupted run can simply be started again. The Hub address can be changed with HF_ENDPOINT.
 """
 import argparse
-import errno
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-import httpx2
-from huggingface_hub import constants, hf_hub_download
-from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RemoteEntryNotFoundError,
-                                    RepositoryNotFoundError)
+from huggingface_hub import constants
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+from data.hub import FETCH_ERRORS, clear_staging, explain_failure, fetch
 from data.shards import is_valid_shard
 from train_gpt import DataError, UserError, read_shard_header
 
 REPO_ID = "kjj0/fineweb10B-gpt2"
 NUM_TRAIN_SHARDS = 103
-STAGING_PREFIX = ".download-"  # hidden folders that hold downloads in progress
 
 
 def shard_names(num_train_shards: int) -> list[str]:
     return ["fineweb_val_000000.bin"] + [f"fineweb_train_{i:06d}.bin" for i in range(1, num_train_shards + 1)]
 
 
-def explain_failure(error: Exception, name: str, folder: Path) -> str:
-    """What went wrong while fetching shard `name`, and what to do about it."""
-    repo = f"the dataset repo {REPO_ID} at {constants.ENDPOINT}"
-    if isinstance(error, LocalEntryNotFoundError) and error.__cause__ is not None:
-        error = error.__cause__  # the Hub could not be reached or answered with an error: report that
-    if isinstance(error, RepositoryNotFoundError):
-        return f"{repo} was not found; check HF_ENDPOINT (unset it to use huggingface.co), then rerun"
-    if isinstance(error, RemoteEntryNotFoundError) or (
-            isinstance(error, HfHubHTTPError) and error.response.status_code == 404):
-        return (f"{name} is not in {repo}, which holds fineweb_val_000000.bin and fineweb_train_000001.bin to "
-                f"fineweb_train_{NUM_TRAIN_SHARDS:06d}.bin; check the shard count and HF_ENDPOINT")
-    if isinstance(error, HfHubHTTPError):
-        return f"{repo} answered HTTP {error.response.status_code}; wait a little and rerun"
-    if isinstance(error, httpx2.HTTPError):
-        return (f"the connection to {constants.ENDPOINT} failed ({type(error).__name__}: {error}); check the "
-                "internet connection (and HF_ENDPOINT or proxy settings), then rerun")
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        return f"the disk holding {folder} is full; free about 200 MB per missing shard, then rerun"
-    return f"{error}; rerun to fetch it again"
+def checked_shard(name: str, path: Path) -> int:
+    """The token count of a downloaded shard, or an error if the Hub sent something else."""
+    try:
+        return read_shard_header(path)
+    except DataError as error:
+        raise UserError(f"{name}: {constants.ENDPOINT} sent a file that is not a valid token shard, so it was "
+                        "discarded; check that HF_ENDPOINT (if set) points at the Hugging Face Hub, then rerun. "
+                        f"The check said: {error}") from error
 
 
 def download_shard(name: str, folder: Path) -> int:
-    """Download one shard into `folder` through a hidden staging folder; return its token count."""
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
+    """Download one shard into `folder`; return its token count."""
     try:
-        path = Path(hf_hub_download(REPO_ID, name, repo_type="dataset", local_dir=staging))
-        try:
-            num_tokens = read_shard_header(path)
-        except DataError as error:
-            raise UserError(f"{name}: {constants.ENDPOINT} sent a file that is not a valid token shard, so it was "
-                            "discarded; check that HF_ENDPOINT (if set) points at the Hugging Face Hub, then rerun. "
-                            f"The check said: {error}") from error
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(path, folder / name)
-        return num_tokens
-    except (OSError, httpx2.HTTPError) as error:  # the Hub's errors, network failures, a full disk
-        raise UserError(f"{name}: download failed: {explain_failure(error, name, folder)}. "
+        return fetch(REPO_ID, name, folder / name, lambda path: checked_shard(name, path))
+    except FETCH_ERRORS as error:
+        holds = (f"fineweb_val_000000.bin and fineweb_train_000001.bin to fineweb_train_{NUM_TRAIN_SHARDS:06d}.bin; "
+                 "check the shard count and HF_ENDPOINT")
+        reason = explain_failure(error, REPO_ID, name, folder, holds, "about 200 MB per missing shard")
+        raise UserError(f"{name}: download failed: {reason}. "
                         f"No partial {name} was left behind; the shards already complete are kept.") from error
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def main(argv=None) -> None:
@@ -93,9 +66,7 @@ def main(argv=None) -> None:
     else:
         folder = REPO_ROOT / "data" / "fineweb10B"
     folder.mkdir(parents=True, exist_ok=True)
-    # Staging folders left by a killed run hold nothing reusable.
-    for leftover in folder.glob(f"{STAGING_PREFIX}*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    clear_staging(folder)
     for name in shard_names(args.num_train_shards):
         path = folder / name
         if is_valid_shard(path):

@@ -114,6 +114,19 @@ def fineweb_files(sample: str, max_files: int | None) -> Iterator[Path]:
 # -----------------------------------------------------------------------------
 # Tokenizing into shards
 
+GPT2_VOCAB_SIZE = 50257  # BOS (<|endoftext|>) is the last token
+
+
+def gpt2_encoding() -> tiktoken.Encoding:
+    """The GPT-2 tokenizer, whose files tiktoken downloads once and caches."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except OSError as error:
+        raise UserError(f"could not load the GPT-2 tokenizer ({error}); tiktoken downloads its files once from "
+                        "openaipublic.blob.core.windows.net: check the internet connection, or set "
+                        "TIKTOKEN_CACHE_DIR to a folder that already holds them") from None
+
+
 _encoding = None  # set in each worker process
 
 
@@ -223,14 +236,8 @@ def main(argv=None) -> None:
         documents = read_documents(fineweb_files(args.fineweb, args.max_files))
     else:
         documents = read_documents(expand_inputs(args.inputs))
-    try:
-        encoding = tiktoken.get_encoding("gpt2")
-    except OSError as error:
-        raise UserError(f"could not load the GPT-2 tokenizer ({error}); tiktoken downloads its files once from "
-                        "openaipublic.blob.core.windows.net: check the internet connection, or set "
-                        "TIKTOKEN_CACHE_DIR to a folder that already holds them") from None
     prefix = args.prefix or ("fineweb" if args.fineweb else "text")
-    paths = tokenize_to_shards(documents, args.out, prefix, args.shard_tokens, encoding, args.processes)
+    paths = tokenize_to_shards(documents, args.out, prefix, args.shard_tokens, gpt2_encoding(), args.processes)
     if len(paths) == 1:
         print("only a validation shard was written: lower --shard_tokens to get train shards too")
     print(f"wrote {len(paths)} shards to {args.out}")

@@ -15,24 +15,24 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-from data import cached_fineweb10B
+from data import cached_fineweb10B, hub
 from data.shards import write_shard
 from train_gpt import UserError
 
 SCRIPT = REPO_ROOT / "data" / "cached_fineweb10B.py"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-RESOLVE_PATH = re.compile(r"/datasets/kjj0/fineweb10B-gpt2/resolve/main/(?P<name>[\w.]+)")
+RESOLVE_PATH = re.compile(r"/datasets/(?P<repo>[\w.-]+/[\w.-]+)/resolve/main/(?P<name>[\w./-]+)")
 NAMES = ["fineweb_val_000000.bin", "fineweb_train_000001.bin", "fineweb_train_000002.bin"]
 
 
 class HubStandIn(ThreadingHTTPServer):
-    """Answers the HEAD and GET /<repo type>s/<repo>/resolve/<revision>/<file> requests of hf_hub_download the way
-    the Hub does for a file stored in the repo: 200 with ETag, X-Repo-Commit and Content-Length."""
+    """Answers the HEAD and GET /datasets/<repo>/resolve/main/<file> requests of hf_hub_download the way the Hub does
+    for a file stored in the dataset repo `repo`: 200 with ETag, X-Repo-Commit and Content-Length."""
     daemon_threads = True
 
-    def __init__(self, files: dict[str, bytes], cut: dict[str, int] | None = None):
+    def __init__(self, files: dict[str, bytes], cut: dict[str, int] | None = None, repo: str = "kjj0/fineweb10B-gpt2"):
         super().__init__(("127.0.0.1", 0), HubHandler)
-        self.files = files
+        self.files, self.repo = files, repo
         self.cut = cut or {}  # file name -> bytes sent before the server dies
         self.requests = []  # (method, file name)
         threading.Thread(target=self.serve_forever, daemon=True).start()
@@ -61,11 +61,12 @@ class HubHandler(BaseHTTPRequestHandler):
     def answer(self, send_body: bool) -> None:
         hub = self.server
         match = RESOLVE_PATH.fullmatch(self.path)
-        name = match["name"] if match else self.path
+        in_repo = match is not None and match["repo"] == hub.repo
+        name = match["name"] if in_repo else self.path
         hub.requests.append((self.command, name))
         if name not in hub.files:
             self.send_response(404)
-            self.send_header("X-Error-Code", "EntryNotFound" if match else "RepoNotFound")
+            self.send_header("X-Error-Code", "EntryNotFound" if in_repo else "RepoNotFound")
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
@@ -94,8 +95,8 @@ def start_hub():
     """Starts HubStandIn servers; stops them all after the test."""
     hubs = []
 
-    def start(files: dict[str, bytes], cut: dict[str, int] | None = None) -> HubStandIn:
-        hubs.append(HubStandIn(files, cut))
+    def start(files: dict[str, bytes], cut: dict[str, int] | None = None, repo: str = "kjj0/fineweb10B-gpt2") -> HubStandIn:
+        hubs.append(HubStandIn(files, cut, repo))
         return hubs[-1]
 
     yield start
@@ -118,14 +119,19 @@ def make_shards(tmp_path: Path) -> dict[str, bytes]:
     return files
 
 
-def run_downloader(hub: HubStandIn, folder: Path, *args: str) -> subprocess.CompletedProcess:
+def hub_env(hub: HubStandIn, folder: Path) -> dict[str, str]:
+    """The environment of a process whose huggingface_hub talks to `hub` only."""
     env = {key: value for key, value in os.environ.items()
            if key.upper() not in {"HF_TOKEN", "DATA_PATH", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"}}
     env.update(HF_ENDPOINT=hub.url, HF_HOME=str(folder.parent / "hf_home"), HF_HUB_DISABLE_XET="1",
                HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DOWNLOAD_TIMEOUT="2", HF_HUB_DISABLE_TELEMETRY="1",
                NO_PROXY="127.0.0.1")
-    return subprocess.run([sys.executable, str(SCRIPT), *args, "--dir", str(folder)], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
+    return env
+
+
+def run_downloader(hub: HubStandIn, folder: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args, "--dir", str(folder)], cwd=REPO_ROOT,
+                          env=hub_env(hub, folder), capture_output=True, text=True, timeout=60)
 
 
 def listing(folder: Path) -> list[str]:
@@ -205,7 +211,7 @@ def test_full_disk_names_the_shard_and_leaves_nothing(tmp_path, monkeypatch):
         (Path(local_dir) / filename).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cached_fineweb10B, "hf_hub_download", fill_disk)
+    monkeypatch.setattr(hub, "hf_hub_download", fill_disk)
     with pytest.raises(UserError, match=f"{NAMES[0]}: download failed: the disk holding {tmp_path} is full"):
         cached_fineweb10B.main(["0", "--dir", str(tmp_path)])
     assert listing(tmp_path) == []
