@@ -115,3 +115,15 @@ def test_compiled_tiny_model_with_the_fp8_head_trains_like_eager():
         losses.append((loss.item(), model.lm_head.grad.float().norm().item()))
     (eager_loss, eager_grad), (compiled_loss, compiled_grad) = losses
     assert abs(eager_loss - compiled_loss) < 1e-2 * eager_loss and abs(eager_grad - compiled_grad) < 5e-2 * eager_grad
+
+
+def test_this_gpu_passes_the_checks_and_gets_the_head_its_capability_allows():
+    device = torch.device("cuda", 0)
+    name, capability = tg.gpu_name_and_capability(device)
+    cfg = tg.parse_config([])
+    tg.check_gpu(cfg, device)  # a GPU that runs these tests runs the attention kernels
+    assert tg.fp8_head_enabled(cfg, device) == (capability >= (8, 9)), name
+    flops = tg.training_flops_per_token(cfg, 1, 3)
+    peak = tg.peak_bf16_flops(device)
+    assert peak is None or 1e14 < peak < 1e16, (name, peak)
+    assert 7.0e8 < flops < 7.1e8
