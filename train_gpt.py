@@ -571,9 +571,14 @@ class NorMuon(torch.optim.Optimizer):
         for wait in gathers:
             wait()
 
+    @staticmethod
+    def _per_rank(group) -> int:
+        """Slots of `group` per rank: its parameters dealt out whole, the last rank's share padded."""
+        return math.ceil(len(group["params"]) / dist.get_world_size())
+
     def _scatter_grads(self, group):
         params = group["params"]
-        per_rank = -(-len(params) // dist.get_world_size())
+        per_rank = self._per_rank(group)
         padding = [torch.zeros_like(params[0])] * (per_rank * dist.get_world_size() - len(params))
         return reduce_scatter_mean(torch.stack([p.grad for p in params] + padding))
 
@@ -581,9 +586,8 @@ class NorMuon(torch.optim.Optimizer):
         """The parameters of `group` that this rank updates, in runs of one kind (a rank may hold attention and MLP
         matrices), each updated as one batch. A run's state is kept under its first parameter, every tensor of it
         stacking the run's members along dim 0."""
-        params = group["params"]
-        per_rank = -(-len(params) // dist.get_world_size())
-        mine = params[dist.get_rank() * per_rank:][:per_rank]
+        per_rank = self._per_rank(group)
+        mine = group["params"][dist.get_rank() * per_rank:][:per_rank]
         return [list(run) for _, run in itertools.groupby(mine, key=lambda p: getattr(p, "matrices", 1))]
 
     def _update_group(self, group, local_grads: Tensor, wait_grads):
@@ -1681,7 +1685,7 @@ def find_resume(cfg: Config, device, world: int) -> dict | None:
     return meta
 
 
-def adam_params(adam: DistAdam) -> list[Tensor]:
+def adam_params(adam: ShardedOptimizer) -> list[Tensor]:
     return [p for group in adam.param_groups for p in group["params"]]
 
 
