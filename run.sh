@@ -47,6 +47,11 @@ fi
 
 ensure_env torch numpy
 command -v torchrun >/dev/null || fail "torchrun not found in .venv; reinstall torch (pip install torch)"
+# Hopper and Blackwell: FlashAttention-4 kernels; train_gpt.py checks them against varlen_attn before using them.
+if nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | grep -Eq '^(9|10)\.' && ! has_modules flash_attn.cute; then
+    pip install -q -r requirements-gpu.txt ||
+        echo "warning: could not install requirements-gpu.txt (flash-attn-4); attention runs on varlen_attn" >&2
+fi
 data="${DATA_PATH:-.}/data/fineweb10B"
 train_shards=9  # enough for a record run
 if [ ! -f "$data/fineweb_val_000000.bin" ] || [ ! -f "$data/fineweb_train_$(printf %06d $train_shards).bin" ]; then

@@ -15,6 +15,7 @@ import datetime
 import difflib
 import functools
 import glob
+import importlib.metadata
 import itertools
 import json
 import math
@@ -138,6 +139,9 @@ class Config:
                               "(.compile_cache/ beside this script) | off (compile from scratch) | a folder")
     fp8_head: str = _arg("auto", "auto (on GPUs of compute capability 8.9+: H100, H200, B200, L40S, RTX 4090) | on | "
                          "off: the lm_head's FP8 matmul in training; bf16 when off")
+    attention: str = _arg("auto", "auto (flash-attn-4 where it is installed, the GPU is a Hopper or Blackwell and it "
+                          "passes a start-up check against varlen_attn; else varlen_attn) | flash-attn-4 | varlen_attn: "
+                          "the CUDA attention kernel")
     log_dir: str = _arg("logs", "folder of the record files")
     checkpoint: str = _arg("", "where rank 0 saves the final model's state_dict (empty: not saved)")
     save_every: int = _arg(0, "steps between checkpoints that resume the run exactly, plus one at the end (0: none)")
@@ -168,7 +172,8 @@ PRESETS = {
                  warmup_steps=4, val_loss_every=20),
 }
 CHOICES = {"preset": tuple(PRESETS), "device": ("auto", "cuda", "cpu"), "compile": ("auto", "on", "off"),
-           "fp8_head": ("auto", "on", "off"), "weight_decay_mode": ("cautious", "decoupled", "none"),
+           "fp8_head": ("auto", "on", "off"), "attention": ("auto", "flash-attn-4", "varlen_attn"),
+           "weight_decay_mode": ("cautious", "decoupled", "none"),
            "cautious_mask": ("ge", "gt"), "adam_group_optimizer": ("adam", "lion"),
            "adam_weight_decay_mode": ("cautious", "decoupled")}
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -492,9 +497,73 @@ def _fp8_backward(ctx, grad_out, *_):
 fp8_mm.register_autograd(_fp8_backward, setup_context=_fp8_setup_context)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, window: int) -> Tensor:
+# FlashAttention-4 (the flash-attn-4 package: kernels written in Python with CuTe DSL and compiled on first use) is
+# faster than the FlashAttention-2 kernels behind varlen_attn on Hopper and Blackwell, as FlashAttention-3 was for
+# the record. Its autograd Function is invisible to torch.compile, so its forward and backward entry points of this
+# version pinned in requirements-gpu.txt are wrapped as custom ops, like the FP8 matmuls above.
+FLASH_ATTN_4_ARCHS = (9, 10)  # compute capability majors of Hopper and datacenter Blackwell
+flash_attn_4 = None  # the module flash_attn.cute.interface, once loaded
+
+
+def load_flash_attn_4() -> str:
+    """Import FlashAttention-4 and return its version; ModuleNotFoundError where it is not installed."""
+    global flash_attn_4
+    import flash_attn.cute.interface as module
+    flash_attn_4 = module
+    return importlib.metadata.version("flash-attn-4")
+
+
+def first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
+@torch.library.custom_op("train_gpt::fa4_attention", mutates_args=())
+def fa4_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, window: int) -> tuple[Tensor, Tensor]:
+    """attention() by FlashAttention-4: the output and the log-sum-exp of each row (heads, T) for the backward."""
+    out, lse = flash_attn_4._flash_attn_fwd(
+        q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
+        softmax_scale=1.0, window_size_left=window, window_size_right=0, return_lse=True)[:2]
+    return out, lse
+
+
+@fa4_attention.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, window):
+    return torch.empty_like(q), q.new_empty((q.size(1), q.size(0)), dtype=torch.float32)
+
+
+@torch.library.custom_op("train_gpt::fa4_attention_backward", mutates_args=())
+def fa4_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor,
+                           max_seqlen: int, window: int) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = flash_attn_4._flash_attn_bwd(
+        q, k, v, out, grad.contiguous(), lse, softmax_scale=1.0, window_size_left=window, window_size_right=0,
+        cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)[:3]
+    return dq, dk, dv
+
+
+@fa4_attention_backward.register_fake
+def _(grad, q, k, v, out, lse, cu_seqlens, max_seqlen, window):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fa4_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, ctx.max_seqlen, ctx.window = inputs
+    ctx.save_for_backward(q, k, v, *output, cu_seqlens)
+
+
+def _fa4_backward(ctx, grad_out, _grad_lse):
+    return *fa4_attention_backward(grad_out, *ctx.saved_tensors, ctx.max_seqlen, ctx.window), None, None, None
+
+
+fa4_attention.register_autograd(_fa4_backward, setup_context=_fa4_setup_context)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, window: int,
+              kernel: str = "varlen_attn") -> Tensor:
     """Causal attention within documents, each query seeing at most `window` earlier tokens; (T, heads, dim).
-    The caller folds the softmax scale into q."""
+    The caller folds the softmax scale into q. On CUDA `kernel` picks flash-attn-4 or varlen_attn; on the CPU a
+    masked SDPA serves as both, and as their reference."""
+    if kernel == "flash-attn-4":
+        return fa4_attention(q, k, v, cu_seqlens, max_seqlen, window)[0]
     if q.is_cuda:
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=1.0, window_size=(window, 0))
     assert int(cu_seqlens.diff().max()) <= max_seqlen, "max_seqlen is below the longest document (CUDA would skip rows)"
@@ -504,6 +573,34 @@ def attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: i
     allowed = (doc[:, None] == doc[None, :]) & (offset >= 0) & (offset <= window)
     y = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=allowed, scale=1.0)
     return y.transpose(0, 1)
+
+
+def attention_mismatch(kernel: str, device, heads: int, head_dim: int) -> str | None:
+    """Run `kernel` against the reference (varlen_attn on CUDA, the masked path on the CPU) on documents of several
+    lengths, at a window short enough that an off-by-one shows and at one longer than every document; forward and
+    gradients. Returns what differs, or None."""
+    lengths = [700, 37, 1, 310]  # one document longer than either window's reach, one of a single token
+    cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v, grad = (torch.randn(sum(lengths), heads, head_dim, generator=gen, device=device, dtype=dtype)
+                     for _ in range(4))
+    q = q * head_dim ** -0.5
+    for window in (8, 1024):
+        results = []
+        for name in (kernel, "varlen_attn"):
+            qkv = [t.detach().requires_grad_() for t in (q, k, v)]
+            try:
+                out = attention(*qkv, cu_seqlens, max(lengths), window, name)
+                out.backward(grad)
+            except Exception as e:  # a kernel that fails to compile or launch is a mismatch, not a crash
+                return f"{name} raised {first_line(e)}"
+            results.append([out.detach().float(), *(t.grad.float() for t in qkv)])
+        for what, got, want in zip(("output", "dq", "dk", "dv"), *results):
+            error = ((got - want).norm() / want.norm()).item()
+            if not error < 0.02:  # bf16 kernels that agree differ by a few tenths of a percent
+                return f"its {what} differs from varlen_attn's by {error:.1%} at window {window}"
+    return None
 
 
 # -----------------------------------------------------------------------------
@@ -803,6 +900,7 @@ class Attention(nn.Module):
             self.qkvo.view(4, dim, dim)[:3].uniform_(-bound, bound)
             self.qkvo.view(4, dim, dim)[3].zero_()
         self.gate = nn.Parameter(torch.zeros(num_heads, GATE_INPUTS, dtype=torch.bfloat16))
+        self.kernel = "varlen_attn"  # set by GPT.use_attention
 
     def forward(self, x, ve, v_lambdas, rotary: Rotary, cu_seqlens, max_seqlen: int, window: int):
         T, dim = x.shape
@@ -810,7 +908,7 @@ class Attention(nn.Module):
         q, k, v = F.linear(x, w[:3].flatten(0, 1)).view(T, 3, self.num_heads, self.head_dim).unbind(1)
         q, k = (rotary(norm(q)).float() * rotary.attn_scale).type_as(x), rotary(norm(k))
         v = v_lambdas[0] * v + v_lambdas[1] * ve.view_as(v) if ve is not None else v_lambdas[0] * v
-        y = attention(q, k, v, cu_seqlens, max_seqlen, window)
+        y = attention(q, k, v, cu_seqlens, max_seqlen, window, self.kernel)
         y = y * torch.sigmoid(F.linear(x[:, :GATE_INPUTS], self.gate)).unsqueeze(-1)
         return F.linear(y.reshape(T, dim), w[3])
 
@@ -855,6 +953,11 @@ class GPT(nn.Module):
         used = sum(s.numel() for s in scalars)
         self.scalars = nn.Parameter(torch.cat(scalars + [torch.ones(next_multiple(used, world_size) - used)]))
         self.fp8_head = False  # FP8 lm_head in training, set on CUDA
+
+    def use_attention(self, kernel: str):
+        for block in self.blocks.values():
+            if block.attn is not None:
+                block.attn.kernel = kernel
 
     def forward(self, inputs: Tensor, targets: Tensor | None, cu_seqlens: Tensor, max_seqlen: int, short_window: int, long_window: int):
         L = NUM_LAYERS
@@ -1297,6 +1400,36 @@ def fp8_head_enabled(cfg: Config, device) -> bool:
     return cfg.fp8_head == "on" or gpu_name_and_capability(device)[1] >= FP8_MIN_CAPABILITY
 
 
+def choose_attention(cfg: Config, device) -> tuple[str, str | None]:
+    """This run's attention kernel (with flash-attn-4's version) and, where auto passed flash-attn-4 over, why.
+    --attention=flash-attn-4 where it cannot run, or where it disagrees with varlen_attn, is an input error."""
+    if device.type != "cuda":
+        if cfg.attention == "flash-attn-4":
+            raise ConfigError("--attention=flash-attn-4 needs a CUDA GPU and this run is on the CPU; leave --attention=auto")
+        return "masked_sdpa", None
+    if cfg.attention == "varlen_attn":
+        return "varlen_attn", None
+    name, capability = gpu_name_and_capability(device)
+    problem = version = None
+    if capability[0] not in FLASH_ATTN_4_ARCHS:
+        problem = f"{name} is not a Hopper or Blackwell GPU (compute capability 9.x or 10.x)"
+    else:
+        try:
+            version = load_flash_attn_4()
+        except ModuleNotFoundError as e:
+            problem = ("it is not installed (pip install -r requirements-gpu.txt)" if e.name.startswith("flash_attn")
+                       else f"it cannot load: {first_line(e)}")
+        except Exception as e:  # a broken install: say so, and train on varlen_attn unless flash-attn-4 was asked for
+            problem = f"it cannot load: {first_line(e)}"
+    if problem is None:
+        problem = attention_mismatch("flash-attn-4", device, cfg.num_heads, cfg.head_dim)
+    if problem is None:
+        return f"flash-attn-4 {version}", None
+    if cfg.attention == "flash-attn-4":
+        raise ConfigError(f"--attention=flash-attn-4: {problem}; use --attention=auto or --attention=varlen_attn")
+    return "varlen_attn", f"flash-attn-4 not used: {problem}"
+
+
 def peak_bf16_flops(device) -> float | None:
     """The GPU's dense bf16 peak in FLOP/s, where the table knows it."""
     if device.type != "cuda":
@@ -1335,6 +1468,9 @@ def persist_compiled_kernels(cfg: Config):
                           "point it at a writable folder or use --compile_cache=off")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")
     os.environ["TRITON_CACHE_DIR"] = str(folder / "triton")
+    # read when flash-attn-4 loads, which choose_attention does after this
+    os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] = "1"
+    os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] = str(folder / "flash_attn_4")
 
 
 def smaller_micro_batch(cfg: Config, world: int) -> int | None:
@@ -1395,12 +1531,13 @@ class Inputs(NamedTuple):
     train_files: list[Path]
     val_data: list[tuple]
     hellaswag: list[dict] | None
+    attention: tuple[str, str | None]  # choose_attention's kernel and note
 
 
 def check_inputs(cfg: Config, rank: int, world: int, device) -> Inputs:
     """Everything that can be checked before the first step, so that a bad input stops the run before it has a
     record: the batch split, the shards' headers, the first training shard's tokens, the validation data, the
-    HellaSwag file, the folders rank 0 writes to and the compile cache."""
+    HellaSwag file, the folders rank 0 writes to, the compile cache and the attention kernel."""
     grad_accum, micro_tokens = batch_split(cfg, world)
     train_files = list_shards(cfg.train_files, "train_files")
     check_first_shard(train_files[0], cfg)
@@ -1410,7 +1547,7 @@ def check_inputs(cfg: Config, rank: int, world: int, device) -> Inputs:
         check_output_folders(cfg)
     if compiles(cfg, device):
         persist_compiled_kernels(cfg)
-    return Inputs(grad_accum, micro_tokens, train_files, val_data, hellaswag)
+    return Inputs(grad_accum, micro_tokens, train_files, val_data, hellaswag, choose_attention(cfg, device))
 
 
 def check_first_shard(path: Path, cfg: Config):
@@ -1462,7 +1599,7 @@ def agreed(check):
 def train(cfg: Config, device, rank: int, world: int, inputs: Inputs, log: "RunLog", started: float,
           resume: dict | None = None):
     startup = {"data_s": time.perf_counter() - started}  # set-up, flags and every check of the inputs
-    grad_accum, micro_tokens, train_files, val_data, hellaswag = inputs
+    grad_accum, micro_tokens, train_files, val_data, hellaswag, (attention_kernel, attention_note) = inputs
     batches = TrainBatches(train_files, cfg, rank, world, device)  # starts reading the first shard on a thread
     log.line(f"world size {world}, {grad_accum} micro-steps of {micro_tokens} tokens per rank, "
              f"{len(train_files)} training shards, {cfg.val_tokens} validation tokens")
@@ -1477,8 +1614,11 @@ def train(cfg: Config, device, rank: int, world: int, inputs: Inputs, log: "RunL
     startup["model_s"] = time.perf_counter() - started - startup["data_s"]
     raw_model.fp8_head = fp8_head_enabled(cfg, device)
     model = torch.compile(raw_model, dynamic=False, fullgraph=True) if compiles(cfg, device) else raw_model
+    raw_model.use_attention(attention_kernel.split()[0])
+    if attention_note:
+        log.line(attention_note)
     log.kernels(lm_head="fp8" if raw_model.fp8_head else "bf16" if device.type == "cuda" else "fp32",
-                attention="varlen_attn" if device.type == "cuda" else "masked_sdpa",
+                attention=attention_kernel,
                 torch_compile="on" if model is not raw_model else "off")
     torch._dynamo.config.recompile_limit = 64  # one graph per window pair and mode
     initial_state = {k: v.clone() for k, v in raw_model.state_dict().items()}
@@ -1618,7 +1758,8 @@ def main(argv=None) -> int:
 CHECKPOINT_FORMAT = "train_gpt-checkpoint/1"
 # Flags that may change when a run resumes: they steer or record the run but do not change what it computes.
 RESUMABLE_CHANGES = ("preset", "max_steps", "val_loss_every", "warmup_steps", "device", "compile", "compile_cache",
-                     "log_dir", "checkpoint", "save_every", "keep_checkpoints", "checkpoint_dir", "resume", "hellaswag")
+                     "log_dir", "checkpoint", "save_every", "keep_checkpoints", "checkpoint_dir", "resume", "hellaswag",
+                     "attention")
 
 
 # sample.py reads checkpoints in a single process, without a process group, on purpose.

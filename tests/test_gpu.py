@@ -26,6 +26,39 @@ def test_varlen_attention_matches_the_masked_cpu_path(window):
     assert (got.float().cpu() - cpu).abs().max() < 3e-2
 
 
+def skip_without_flash_attn_4():
+    if torch.cuda.get_device_capability()[0] not in tg.FLASH_ATTN_4_ARCHS:
+        pytest.skip("flash-attn-4 runs on Hopper and Blackwell GPUs")
+    try:
+        tg.load_flash_attn_4()
+    except ModuleNotFoundError:
+        pytest.skip("flash-attn-4 is not installed (pip install -r requirements-gpu.txt)")
+
+
+@pytest.mark.parametrize("window", [64, 384, 2048])
+def test_flash_attn_4_matches_the_masked_cpu_path(window):
+    skip_without_flash_attn_4()
+    q, k, v, starts, T = packed_documents([700, 130, 1, 1500, 317])
+    cpu_qkv = [t.clone().requires_grad_() for t in (q, k, v)]
+    cpu = tg.attention(*cpu_qkv, tg.cu_seqlens_from_starts(starts, T, torch.device("cpu")), 2048, window)
+    grad = torch.randn_like(cpu)
+    cpu.backward(grad)
+    cuda_qkv = [t.to("cuda", torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    cu = tg.cu_seqlens_from_starts(starts, T, torch.device("cuda"))
+    got = tg.attention(*cuda_qkv, cu, 2048, window, "flash-attn-4")
+    got.backward(grad.to("cuda", torch.bfloat16))
+    assert (got.float().cpu() - cpu).abs().max() < 3e-2
+    for on_gpu, on_cpu in zip(cuda_qkv, cpu_qkv):
+        assert ((on_gpu.grad.float().cpu() - on_cpu.grad).norm() / on_cpu.grad.norm()) < 2e-2
+
+
+def test_flash_attn_4_passes_the_start_up_check():
+    skip_without_flash_attn_4()
+    assert tg.attention_mismatch("flash-attn-4", torch.device("cuda"), 6, 128) is None
+    version = tg.load_flash_attn_4()
+    assert tg.choose_attention(tg.parse_config([]), torch.device("cuda")) == (f"flash-attn-4 {version}", None)
+
+
 def test_fp8_lm_head_matches_bf16_on_the_gpu():
     g = torch.Generator(device="cuda").manual_seed(0)
     x = tg.norm(torch.randn(4096, 768, device="cuda", generator=g)).bfloat16().requires_grad_()
@@ -127,3 +160,27 @@ def test_this_gpu_passes_the_checks_and_gets_the_head_its_capability_allows():
     peak = tg.peak_bf16_flops(device)
     assert peak is None or 1e14 < peak < 1e16, (name, peak)
     assert 7.0e8 < flops < 7.1e8
+
+
+def test_compiled_model_with_flash_attn_4_trains_like_eager_varlen_attn():
+    skip_without_flash_attn_4()
+    cfg = tg.parse_config(["--preset=tiny"])
+    torch.manual_seed(0)
+    model = tg.GPT(cfg, 1024, 1).cuda()
+    with torch.no_grad():
+        for p in model.parameters():  # zero-initialised output matrices would hide the attention
+            p.normal_(0, 0.05)
+    tokens = torch.randint(0, cfg.vocab_size - 1, (1025,), generator=torch.Generator().manual_seed(4))
+    tokens[[0, 300, 700]] = cfg.bos_id
+    inputs, targets = tokens[:-1].int().cuda(), tokens[1:].long().cuda()
+    cu = tg.cu_seqlens_from_starts([0, 300, 700], 1024, torch.device("cuda"))
+    results = []
+    for kernel, run in (("varlen_attn", model), ("flash-attn-4", torch.compile(model, dynamic=False, fullgraph=True))):
+        model.use_attention(kernel)
+        model.zero_grad(set_to_none=True)
+        loss = run(inputs, targets, cu, 512, 3, 7)
+        loss.backward()
+        results.append((loss.item(), model.blocks["1"].attn.qkvo.grad.float()))
+    (eager_loss, eager_grad), (compiled_loss, compiled_grad) = results
+    assert abs(eager_loss - compiled_loss) < 1e-2 * eager_loss
+    assert (compiled_grad - eager_grad).norm() < 5e-2 * eager_grad.norm()

@@ -111,11 +111,16 @@ def test_out_of_memory_names_the_flag_and_a_value_that_needs_less(monkeypatch):
 
 def test_compiled_kernels_persist_in_the_cache_folder(tmp_path, monkeypatch):
     """A real inductor compile on the CPU writes its artifacts under --compile_cache."""
-    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED",
+                 "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"):
         monkeypatch.delenv(name, raising=False)
     cache = tmp_path / "cache"
     tg.persist_compiled_kernels(tg.parse_config([f"--compile_cache={cache}"]))
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache / "inductor")
+    assert os.environ["TRITON_CACHE_DIR"] == str(cache / "triton")
+    # flash-attn-4 reads these when it loads, after this call
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "1"
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == str(cache / "flash_attn_4")
     torch._dynamo.reset()
     try:
         torch.compile(lambda x: (x * 3).sin() + 1, dynamic=False)(torch.randn(8))
