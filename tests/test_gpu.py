@@ -2,6 +2,7 @@
 and a compiled training step. Runs only where a CUDA GPU is visible."""
 import pytest
 import torch
+import torch.distributed as dist
 
 import train_gpt as tg
 
@@ -57,6 +58,56 @@ def test_flash_attn_4_passes_the_start_up_check():
     assert tg.attention_mismatch("flash-attn-4", torch.device("cuda"), 6, 128) is None
     version = tg.load_flash_attn_4()
     assert tg.choose_attention(tg.parse_config([]), torch.device("cuda")) == (f"flash-attn-4 {version}", None)
+
+
+def normuon_packed_against_alone(preset: str, device, steps: int = 2) -> dict[str, float]:
+    """NorMuon's packed groups (make_optimizers) against one NorMuon per matrix, from the same weights and
+    gradients: the relative difference of each parameter's total update, by name."""
+    cfg = tg.parse_config([f"--preset={preset}"])
+    torch.manual_seed(0)
+    model = tg.GPT(cfg, 64, 1).to(device)
+    packed, _ = tg.make_optimizers(cfg, model)
+    names = {p: name for name, p in model.named_parameters()}
+    params = [p for group in packed.param_groups for p in group["params"]]
+    gen = torch.Generator(device=device).manual_seed(5)
+    with torch.no_grad():
+        for p in params:  # weights of both signs and sizes, so that the cautious decay matters
+            p.copy_(torch.randn(p.shape, generator=gen, device=device) * 0.02)
+    start = {p: p.detach().clone() for p in params}
+    alone = {}
+    for p in params:
+        copy = torch.nn.Parameter(p.detach().clone())
+        copy.__dict__.update({k: v for k, v in p.__dict__.items() if k in ("matrices", "lr_mul")})
+        alone[p] = (copy, tg.NorMuon([dict(params=[copy])], lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
+                                     weight_decay_mode=cfg.weight_decay_mode, momentum=cfg.muon_momentum,
+                                     beta2=cfg.muon_beta2, cautious_mask=cfg.cautious_mask))
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, device=device).to(p.dtype)
+            alone[p][0].grad = p.grad.clone()
+        packed.step()
+        for copy, optimizer in alone.values():
+            optimizer.step()
+    errors = {}
+    for p in params:
+        want = alone[p][0].detach().float() - start[p].float()
+        errors[names[p]] = ((p.detach().float() - start[p].float() - want).norm() / want.norm()).item()
+    return errors
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_packed_normuon_groups_update_each_matrix_as_if_alone(process_group):
+    """Record 43's shapes on the GPU: batched Polar Express (Triton) and the batched normalisation and decay give
+    each matrix the update it gets on its own."""
+    errors = normuon_packed_against_alone("record43", torch.device("cuda"))
+    assert len(errors) == 1 + 10 + 32
+    assert max(errors.values()) < 1e-2, sorted(errors.items(), key=lambda kv: -kv[1])[:3]
 
 
 def test_fp8_lm_head_matches_bf16_on_the_gpu():
