@@ -277,6 +277,17 @@ def batch_split(cfg: Config, world_size: int) -> tuple[int, int]:
 # -----------------------------------------------------------------------------
 # Kernels: Polar Express (with a Triton path for the symmetric products), FP8 lm_head, attention
 
+def compiled_on_cuda(fn):
+    """fn compiled when its first argument is on a GPU, so that inductor fuses its elementwise work and casts; run
+    eagerly elsewhere."""
+    compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+
+    @functools.wraps(fn)  # the eager fn stays reachable as __wrapped__
+    def run(*args):
+        return (compiled if args[0].is_cuda else fn)(*args)
+    return run
+
+
 POLAR_EXPRESS_COEFFS = [
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -287,6 +298,7 @@ POLAR_EXPRESS_COEFFS = [
 TRITON_MIN_ROWS = 128  # smaller matrices (the gates) are not worth a kernel launch per tile
 
 
+@compiled_on_cuda
 def polar_express(G: Tensor) -> Tensor:
     """Approximate the orthogonal polar factor of each matrix in G (..., rows, cols), in bf16."""
     X = G.bfloat16()
@@ -387,7 +399,8 @@ if triton is not None:
         if out.shape != expected_shape or out.dtype != source.dtype:
             raise ValueError(f"out is {tuple(out.shape)} {out.dtype}, expected {tuple(expected_shape)} {source.dtype}; "
                              f"allocate it with torch.empty({tuple(expected_shape)}, dtype={source.dtype})")
-        if out.data_ptr() == source.data_ptr():
+        # Tracing knows no data pointers; polar_express, the compiled caller, allocates its outputs apart.
+        if not torch.compiler.is_compiling() and out.data_ptr() == source.data_ptr():
             raise ValueError(f"out is the same memory as {source_name}: tiles read {source_name} while others are "
                              "written, so the product cannot be done in place; pass a separate out tensor")
 
@@ -429,17 +442,7 @@ def _scale(s: float, like: Tensor) -> Tensor:
     return torch.full((), s, dtype=torch.float32, device=like.device)
 
 
-def compiled_on_cuda(fn):
-    """fn compiled when its first argument is on a GPU, where fusing the scaling and casts around a matmul pays;
-    run eagerly elsewhere. Custom ops are opaque to the model's compile, so their bodies are compiled here."""
-    compiled = torch.compile(fn, dynamic=False, fullgraph=True)
-
-    @functools.wraps(fn)  # the eager fn stays reachable as __wrapped__
-    def run(*args):
-        return (compiled if args[0].is_cuda else fn)(*args)
-    return run
-
-
+# The custom ops below are opaque to the model's compile, so their bodies are compiled on their own.
 @compiled_on_cuda
 def _fp8_forward(x: Tensor, w: Tensor, x_s: float, w_s: float):
     x_f8 = x.div(x_s).to(torch.float8_e4m3fn)

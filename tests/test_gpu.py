@@ -1,9 +1,10 @@
 """The CUDA paths against the CPU-checked ones: varlen attention, FP8 lm_head, the Triton kernels in bf16,
-and a compiled training step. Runs only where a CUDA GPU is visible."""
+compiled Polar Express, and a compiled training step. Runs only where a CUDA GPU is visible."""
 import pytest
 import torch
 
 import train_gpt as tg
+from test_numerics import POLAR_TOLERANCE, polar_reference, relative_error
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -54,9 +55,17 @@ def test_triton_symmetric_products_in_bf16(shape):
 
 def test_polar_express_triton_path_matches_the_torch_path():
     G = torch.randn(4, 768, 3072)
-    on_gpu = tg.polar_express(G.cuda()).float().cpu()
+    on_gpu = tg.polar_express.__wrapped__(G.cuda()).float().cpu()  # eager, as the CPU's
     on_cpu = tg.polar_express(G).float()
     assert ((on_gpu - on_cpu).norm() / on_cpu.norm()) < 2e-2
+
+
+@pytest.mark.parametrize("shape", [(4, 768, 3072), (16, 768, 768), (6, 12)])
+def test_polar_express_compiled_on_the_gpu_matches_float64(shape):
+    """What NorMuon runs: compiled, with the Triton kernels inside the graph from 128 rows on."""
+    G = torch.randn(shape, device="cuda")
+    error = relative_error(tg.polar_express(G), polar_reference(G))
+    assert error < POLAR_TOLERANCE, f"relative error {error:.3f}"
 
 
 def test_compiled_tiny_model_matches_eager_on_the_gpu():
