@@ -1,10 +1,13 @@
 """The CUDA paths against the CPU-checked ones: varlen attention, FP8 lm_head, the Triton kernels in bf16,
-compiled Polar Express, and a compiled training step. Runs only where a CUDA GPU is visible."""
+compiled Polar Express and optimizer steps, and a compiled training step. Runs only where a CUDA GPU is visible."""
 import pytest
 import torch
 
 import train_gpt as tg
-from test_numerics import POLAR_TOLERANCE, polar_reference, relative_error
+from test_numerics import (ADAM_GROUP_WD, NORMUON_TOLERANCE, POLAR_TOLERANCE, STEPS, adam_group_case,
+                           adam_group_optimizer, adam_group_reference, graphs_after_each_step, graphs_made,
+                           normuon_update_errors, polar_reference, relative_error, run_adam_group)
+from test_numerics import process_group  # noqa: F401 (a fixture, requested by name)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -66,6 +69,34 @@ def test_polar_express_compiled_on_the_gpu_matches_float64(shape):
     G = torch.randn(shape, device="cuda")
     error = relative_error(tg.polar_express(G), polar_reference(G))
     assert error < POLAR_TOLERANCE, f"relative error {error:.3f}"
+
+
+@pytest.mark.parametrize("mode", ["cautious", "decoupled", "none"])
+def test_compiled_normuon_on_the_gpu_matches_reference_and_compiles_once(process_group, mode):
+    """New lr and momentum at every step, and no new graph after the first."""
+    torch._dynamo.reset()  # a function keeps at most 8 graphs: those of the other modes would crowd these out
+    graphs = {}
+    for step, p, error in normuon_update_errors(mode, device="cuda"):
+        assert error < NORMUON_TOLERANCE[p.dtype], f"step {step}, {p.test_name}: update error {error:.3f}"
+        graphs[step] = graphs_made()
+    assert graphs[len(STEPS) - 1] == graphs[0], graphs
+
+
+@pytest.mark.parametrize("kind", ["adam", "lion"])
+def test_compiled_adam_group_on_the_gpu_matches_reference_and_compiles_once(process_group, kind):
+    """A falling lr and Adam's bias correction change at every step; no new graph after the first."""
+    torch._dynamo.reset()
+    params, grads = adam_group_case(seed=14)
+    start = [p.detach().clone() for p in params]
+    expected = adam_group_reference(kind, params, grads, ADAM_GROUP_WD, "cautious", "ge")
+    params, _ = adam_group_case(seed=14, device="cuda")
+    opt = adam_group_optimizer(kind, params, ADAM_GROUP_WD, "cautious", "ge")
+    graphs = graphs_after_each_step(opt)
+    for step, (weights, reference) in enumerate(zip(run_adam_group(opt, params, grads), expected)):
+        for w, w0, ref in zip(weights, start, reference):
+            error = relative_error(w.cpu() - w0, ref - w0.double())
+            assert error < 2e-5, f"step {step}, {tuple(w.shape)}: update error {error:.2e}"
+    assert graphs[-1] == graphs[0], graphs
 
 
 def test_compiled_tiny_model_matches_eager_on_the_gpu():
