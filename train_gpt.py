@@ -282,6 +282,23 @@ def batch_split(cfg: Config, world_size: int) -> tuple[int, int]:
 # -----------------------------------------------------------------------------
 # Kernels: Polar Express (with a Triton path for the symmetric products), FP8 lm_head, attention
 
+def compiled_on_cuda(fn):
+    """fn compiled when its first argument is on a GPU, so that inductor fuses its elementwise work and casts; run
+    eagerly elsewhere. Graphs specialise on Python numbers, so numbers that change between calls (a scheduled lr)
+    must come as tensors, from device_scalar."""
+    compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+
+    @functools.wraps(fn)  # the eager fn stays reachable as __wrapped__
+    def run(*args):
+        return (compiled if args[0].is_cuda else fn)(*args)
+    return run
+
+
+def device_scalar(value: float, like: Tensor) -> Tensor:
+    """value as a 0-dim float32 tensor on like's device, filled there: the host queues the fill and goes on."""
+    return torch.full((), value, dtype=torch.float32, device=like.device)
+
+
 POLAR_EXPRESS_COEFFS = [
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -292,6 +309,7 @@ POLAR_EXPRESS_COEFFS = [
 TRITON_MIN_ROWS = 128  # smaller matrices (the gates) are not worth a kernel launch per tile
 
 
+@compiled_on_cuda
 def polar_express(G: Tensor) -> Tensor:
     """Approximate the orthogonal polar factor of each matrix in G (..., rows, cols), in bf16."""
     X = G.bfloat16()
@@ -392,7 +410,8 @@ if triton is not None:
         if out.shape != expected_shape or out.dtype != source.dtype:
             raise ValueError(f"out is {tuple(out.shape)} {out.dtype}, expected {tuple(expected_shape)} {source.dtype}; "
                              f"allocate it with torch.empty({tuple(expected_shape)}, dtype={source.dtype})")
-        if out.data_ptr() == source.data_ptr():
+        # Tracing knows no data pointers; polar_express, the compiled caller, allocates its outputs apart.
+        if not torch.compiler.is_compiling() and out.data_ptr() == source.data_ptr():
             raise ValueError(f"out is the same memory as {source_name}: tiles read {source_name} while others are "
                              "written, so the product cannot be done in place; pass a separate out tensor")
 
@@ -430,27 +449,13 @@ if triton is not None:
 LM_HEAD_FP8_SCALES = {"x_s": 768 ** 0.5 / 448, "w_s": 2.0 ** -9, "grad_s": 1 / 448}
 
 
-def _scale(s: float, like: Tensor) -> Tensor:
-    return torch.full((), s, dtype=torch.float32, device=like.device)
-
-
-def compiled_on_cuda(fn):
-    """fn compiled when its first argument is on a GPU, where fusing the scaling and casts around a matmul pays;
-    run eagerly elsewhere. Custom ops are opaque to the model's compile, so their bodies are compiled here."""
-    compiled = torch.compile(fn, dynamic=False, fullgraph=True)
-
-    @functools.wraps(fn)  # the eager fn stays reachable as __wrapped__
-    def run(*args):
-        return (compiled if args[0].is_cuda else fn)(*args)
-    return run
-
-
+# The custom ops below are opaque to the model's compile, so their bodies are compiled on their own.
 @compiled_on_cuda
 def _fp8_forward(x: Tensor, w: Tensor, x_s: float, w_s: float):
     x_f8 = x.div(x_s).to(torch.float8_e4m3fn)
     w_f8 = w.div(w_s).to(torch.float8_e4m3fn)
-    out = torch._scaled_mm(x_f8, w_f8.T, out_dtype=torch.bfloat16, scale_a=_scale(x_s, x), scale_b=_scale(w_s, x),
-                           use_fast_accum=True)
+    out = torch._scaled_mm(x_f8, w_f8.T, out_dtype=torch.bfloat16, scale_a=device_scalar(x_s, x),
+                           scale_b=device_scalar(w_s, x), use_fast_accum=True)
     return out, x_f8, w_f8
 
 
@@ -458,9 +463,9 @@ def _fp8_forward(x: Tensor, w: Tensor, x_s: float, w_s: float):
 def _fp8_backward_body(g: Tensor, x_f8: Tensor, w_f8: Tensor, x_s: float, w_s: float, grad_s: float):
     g_f8 = g.div(grad_s).to(torch.float8_e5m2)
     grad_x = torch._scaled_mm(g_f8, w_f8.T.contiguous().T, out_dtype=torch.bfloat16,
-                              scale_a=_scale(grad_s, g), scale_b=_scale(w_s, g), use_fast_accum=False)
+                              scale_a=device_scalar(grad_s, g), scale_b=device_scalar(w_s, g), use_fast_accum=False)
     grad_w = torch._scaled_mm(x_f8.T.contiguous(), g_f8.T.contiguous().T, out_dtype=torch.float32,
-                              scale_a=_scale(x_s, g), scale_b=_scale(grad_s, g), use_fast_accum=False).T
+                              scale_a=device_scalar(x_s, g), scale_b=device_scalar(grad_s, g), use_fast_accum=False).T
     return grad_x, grad_w
 
 
@@ -715,25 +720,39 @@ class NorMuon(torch.optim.Optimizer):
             state["second_moment"] = torch.zeros((len(run) * matrices, 1, cols), dtype=torch.float32, device=W.device)
             # built once: a tensor from a Python list on the GPU makes the host wait for the queue
             state["lr_mul"] = torch.tensor([getattr(p, "lr_mul", 1.0) for p in run], device=W.device).view(-1, 1, 1)
-        m, beta2, lr = group["momentum"], group["beta2"], group["lr"]
-        G = G.float()
-        buf = state["momentum_buffer"]
-        buf.lerp_(G, 1 - m)
-        U = G.lerp_(buf, m)  # Nesterov: (1 - m) G + m buf
-        O = polar_express(U.view(-1, rows, cols)).float()
-        v = state["second_moment"]
-        v.lerp_(O.square().mean(dim=-2, keepdim=True), 1 - beta2)
-        norm_before = O.norm(dim=(-2, -1), keepdim=True)
-        O.mul_(v.clamp_min(1e-10).rsqrt())
-        O.mul_(norm_before / O.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
-        O = O.view(W.shape)
-        lr_eff = lr * max(1.0, rows / cols) ** 0.5 * state["lr_mul"]
-        wd_eff = lr * group["weight_decay"]
-        Wf = W.float()
-        step = O
-        if self.weight_decay_mode != "none":
-            step = O + decay_term(O, Wf, wd_eff, self.weight_decay_mode, self.cautious_mask)
-        W.copy_(Wf - lr_eff * step)
+        m, lr = group["momentum"], group["lr"]
+        # 1 - m is rounded to float32 from the double, as the record's Python number is; 1 - float32(m) would differ
+        U = normuon_momentum(G, state["momentum_buffer"], device_scalar(m, W), device_scalar(1 - m, W))
+        O = polar_express(U.view(-1, rows, cols))
+        lr_eff = device_scalar(lr * max(1.0, rows / cols) ** 0.5, W)
+        wd_eff = device_scalar(lr * group["weight_decay"], W)
+        normuon_apply(W, O, state["second_moment"], state["lr_mul"], lr_eff, wd_eff, group["beta2"],
+                      self.weight_decay_mode, self.cautious_mask)
+
+
+@compiled_on_cuda
+def normuon_momentum(G: Tensor, buf: Tensor, m: Tensor, one_minus_m: Tensor) -> Tensor:
+    """Update NorMuon's momentum buffer with the mean gradients G; returns the Nesterov blend (1 - m) G + m buf."""
+    G = G.float()
+    buf.lerp_(G, one_minus_m)
+    return G.lerp(buf, m)
+
+
+@compiled_on_cuda
+def normuon_apply(W: Tensor, O: Tensor, v: Tensor, lr_mul: Tensor, lr: Tensor, wd: Tensor, beta2: float, mode: str,
+                  mask: str):
+    """The rest of a NorMuon step on W (n, rows, cols), from Polar Express's O (one entry per matrix): the second
+    moment v's per-column normalisation, rescaled to O's norm before it, then the decay and the update, with lr the
+    scheduled lr times sqrt(max(1, rows / cols)), lr_mul the members' multipliers and wd = scheduled lr x decay."""
+    O = O.float()
+    v.lerp_(O.square().mean(dim=-2, keepdim=True), 1 - beta2)
+    norm_before = O.norm(dim=(-2, -1), keepdim=True)
+    O = O * v.clamp_min(1e-10).rsqrt()
+    O = (O * (norm_before / O.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))).view(W.shape)
+    Wf = W.float()
+    if mode != "none":
+        O = O + decay_term(O, Wf, wd, mode, mask)
+    W.copy_(Wf - lr * lr_mul * O)
 
 
 class ShardedOptimizer(torch.optim.Optimizer):
@@ -741,7 +760,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
     reduce-scattered, each rank updates rows [rank * n, (rank + 1) * n) of every tensor (n = rows / world) and the
     slices are all-gathered. A parameter may carry `lr_mul` and `wd_mul`; weight decay follows the scheduled lr
     like NorMuon's: W -= lr * lr_mul * (lr * weight_decay * wd_mul) * (mask) W, with the cautious mask taken from
-    the update and the weights of the rank's own slice. Subclasses update one slice in `_update`."""
+    the update and the weights of the rank's own slice. Subclasses update one slice in `_update`, given its lr
+    (scheduled, times lr_mul) and its decay (see decay_slice_)."""
 
     def __init__(self, params, defaults: dict, weight_decay_mode: str, cautious_mask: str):
         super().__init__(params, defaults)
@@ -765,16 +785,29 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 wait()
                 rows = p.size(0) // dist.get_world_size()
                 p_local = p[rank * rows:(rank + 1) * rows]
-                self._update(group, p, p_local, g, self.state[p])
+                lr = group["lr"] * getattr(p, "lr_mul", 1.0)
+                self._update(group, p_local, g, self.state[p], lr, self._decay(group, p, lr, p_local))
                 gathers.append(all_gather_into(p, p_local))
         for wait in gathers:
             wait()
 
-    def _decay(self, group, p, W: Tensor, update: Tensor, lr: float):
-        """Decay the slice W from its weights before this step, with `update` the step's direction on the same slice."""
-        wd = group["lr"] * group["weight_decay"] * getattr(p, "wd_mul", 1.0)
-        if wd:
-            W.sub_(lr * decay_term(update, W, wd, self.weight_decay_mode, self.cautious_mask))
+    def _decay(self, group, p, lr: float, W: Tensor):
+        """The decay of p's slice W for decay_slice_: None where p is not decayed, which is known without the
+        scheduled lr, so that a compiled step keeps one graph."""
+        wd_mul = getattr(p, "wd_mul", 1.0)
+        if not group["weight_decay"] * wd_mul:
+            return None
+        wd = group["lr"] * group["weight_decay"] * wd_mul
+        return device_scalar(lr, W), device_scalar(wd, W), self.weight_decay_mode, self.cautious_mask
+
+
+def decay_slice_(W: Tensor, update: Tensor, decay):
+    """Decay the slice W in place from its weights before the step, with `update` the step's direction on the same
+    slice; decay is None (no decay) or (lr, wd, mode, mask): W -= lr * decay_term(update, W, wd, mode, mask)."""
+    if decay is not None:
+        lr, wd, mode, mask = decay
+        # in float32, as NorMuon's: with a bf16 W the term would be rounded to bf16 twice before the step
+        W.sub_(lr * decay_term(update, W.float(), wd, mode, mask))
 
 
 class DistAdam(ShardedOptimizer):
@@ -786,7 +819,7 @@ class DistAdam(ShardedOptimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), weight_decay_mode,
                          cautious_mask)
 
-    def _update(self, group, p, W: Tensor, g: Tensor, state: dict):
+    def _update(self, group, W: Tensor, g: Tensor, state: dict, lr: float, decay):
         beta1, beta2 = group["betas"]
         if not state:
             state["step"] = 0
@@ -794,13 +827,21 @@ class DistAdam(ShardedOptimizer):
             state["exp_avg_sq"] = torch.zeros_like(W)
         state["step"] += 1
         t = state["step"]
-        state["exp_avg"].lerp_(g, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        # the record's form: eps is added to the raw sqrt(v), both bias corrections go into the step size
-        denom = state["exp_avg_sq"].sqrt().add_(group["eps"])
-        lr = group["lr"] * getattr(p, "lr_mul", 1.0)
-        self._decay(group, p, W, state["exp_avg"], lr)  # m / (sqrt(v) + eps) has the sign of m
-        W.addcdiv_(state["exp_avg"], denom, value=-lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t))
+        step_size = device_scalar(lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t), W)
+        adam_step(W, g, state["exp_avg"], state["exp_avg_sq"], step_size, decay, beta1, beta2, group["eps"])
+
+
+@compiled_on_cuda
+def adam_step(W: Tensor, g: Tensor, m: Tensor, v: Tensor, step_size: Tensor, decay, beta1: float, beta2: float,
+              eps: float):
+    """One Adam step on the slice W in the record's form: eps is added to the raw sqrt(v), both bias corrections go
+    into step_size."""
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = v.sqrt().add_(eps)
+    decay_slice_(W, m, decay)  # m / (sqrt(v) + eps) has the sign of m
+    # what addcdiv_ with value=-step_size computes on a CPU, in float32 (its value must be a number, not a tensor)
+    W.copy_(W.float() - step_size * m.float() / denom.float())
 
 
 class DistLion(ShardedOptimizer):
@@ -811,15 +852,20 @@ class DistLion(ShardedOptimizer):
                  weight_decay_mode: str = "cautious", cautious_mask: str = "ge"):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay), weight_decay_mode, cautious_mask)
 
-    def _update(self, group, p, W: Tensor, g: Tensor, state: dict):
+    def _update(self, group, W: Tensor, g: Tensor, state: dict, lr: float, decay):
         beta1, beta2 = group["betas"]
         if not state:
             state["exp_avg"] = torch.zeros_like(W)
-        update = state["exp_avg"].lerp(g, 1 - beta1).sign_()
-        lr = group["lr"] * getattr(p, "lr_mul", 1.0)
-        self._decay(group, p, W, update, lr)
-        W.add_(update, alpha=-lr)
-        state["exp_avg"].lerp_(g, 1 - beta2)
+        lion_step(W, g, state["exp_avg"], device_scalar(lr, W), decay, beta1, beta2)
+
+
+@compiled_on_cuda
+def lion_step(W: Tensor, g: Tensor, m: Tensor, lr: Tensor, decay, beta1: float, beta2: float):
+    """One Lion step on the slice W, then the momentum m."""
+    update = m.lerp(g, 1 - beta1).sign_()
+    decay_slice_(W, update, decay)
+    W.sub_(lr * update)
+    m.lerp_(g, 1 - beta2)
 
 
 # -----------------------------------------------------------------------------

@@ -1,10 +1,13 @@
 """The CUDA paths against the CPU-checked ones: varlen attention, FP8 lm_head, the Triton kernels in bf16,
-and a compiled training step. Runs only where a CUDA GPU is visible."""
+compiled Polar Express and optimizer steps, and a compiled training step. Runs only where a CUDA GPU is visible."""
 import pytest
 import torch
-import torch.distributed as dist
 
 import train_gpt as tg
+from test_numerics import (ADAM_GROUP_WD, NORMUON_TOLERANCE, POLAR_TOLERANCE, STEPS, adam_group_case,
+                           adam_group_optimizer, adam_group_reference, graphs_after_each_step, graphs_made,
+                           normuon_update_errors, polar_reference, relative_error, run_adam_group)
+from test_numerics import process_group  # noqa: F401 (a fixture, requested by name)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -95,17 +98,6 @@ def normuon_packed_against_alone(preset: str, device, steps: int = 2) -> dict[st
     return errors
 
 
-@pytest.fixture(scope="module")
-def process_group():
-    """A one-process group, as the trainer runs without torchrun; left alone if another test module made one."""
-    if dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_packed_normuon_groups_update_each_matrix_as_if_alone(process_group):
     """Record 43's shapes on the GPU: batched Polar Express (Triton) and the batched normalisation and decay give
     each matrix the update it gets on its own."""
@@ -142,9 +134,45 @@ def test_triton_symmetric_products_in_bf16(shape):
 
 def test_polar_express_triton_path_matches_the_torch_path():
     G = torch.randn(4, 768, 3072)
-    on_gpu = tg.polar_express(G.cuda()).float().cpu()
+    on_gpu = tg.polar_express.__wrapped__(G.cuda()).float().cpu()  # eager, as the CPU's
     on_cpu = tg.polar_express(G).float()
     assert ((on_gpu - on_cpu).norm() / on_cpu.norm()) < 2e-2
+
+
+@pytest.mark.parametrize("shape", [(4, 768, 3072), (16, 768, 768), (6, 12)])
+def test_polar_express_compiled_on_the_gpu_matches_float64(shape):
+    """What NorMuon runs: compiled, with the Triton kernels inside the graph from 128 rows on."""
+    G = torch.randn(shape, device="cuda")
+    error = relative_error(tg.polar_express(G), polar_reference(G))
+    assert error < POLAR_TOLERANCE, f"relative error {error:.3f}"
+
+
+@pytest.mark.parametrize("mode", ["cautious", "decoupled", "none"])
+def test_compiled_normuon_on_the_gpu_matches_reference_and_compiles_once(process_group, mode):
+    """New lr and momentum at every step, and no new graph after the first."""
+    torch._dynamo.reset()  # a function keeps at most 8 graphs: those of the other modes would crowd these out
+    graphs = {}
+    for step, p, error in normuon_update_errors(mode, device="cuda"):
+        assert error < NORMUON_TOLERANCE[p.dtype], f"step {step}, {p.test_name}: update error {error:.3f}"
+        graphs[step] = graphs_made()
+    assert graphs[len(STEPS) - 1] == graphs[0], graphs
+
+
+@pytest.mark.parametrize("kind", ["adam", "lion"])
+def test_compiled_adam_group_on_the_gpu_matches_reference_and_compiles_once(process_group, kind):
+    """A falling lr and Adam's bias correction change at every step; no new graph after the first."""
+    torch._dynamo.reset()
+    params, grads = adam_group_case(seed=14)
+    start = [p.detach().clone() for p in params]
+    expected = adam_group_reference(kind, params, grads, ADAM_GROUP_WD, "cautious", "ge")
+    params, _ = adam_group_case(seed=14, device="cuda")
+    opt = adam_group_optimizer(kind, params, ADAM_GROUP_WD, "cautious", "ge")
+    graphs = graphs_after_each_step(opt)
+    for step, (weights, reference) in enumerate(zip(run_adam_group(opt, params, grads), expected)):
+        for w, w0, ref in zip(weights, start, reference):
+            error = relative_error(w.cpu() - w0, ref - w0.double())
+            assert error < 2e-5, f"step {step}, {tuple(w.shape)}: update error {error:.2e}"
+    assert graphs[-1] == graphs[0], graphs
 
 
 def test_compiled_tiny_model_matches_eager_on_the_gpu():
