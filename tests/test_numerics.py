@@ -731,7 +731,7 @@ def test_attention_uses_its_four_matrices_as_out_by_in_linear_weights(monkeypatc
         attn.gate.normal_()
     seen = {}
 
-    def record_inputs(q, k, v, cu_seqlens, max_seqlen, window):
+    def record_inputs(q, k, v, cu_seqlens, max_seqlen, window, kernel):
         seen.update(q=q, k=k, v=v)
         return v
     monkeypatch.setattr(train_gpt, "attention", record_inputs)
