@@ -134,7 +134,8 @@ class Config:
     max_steps: int = _arg(0, "stop after this many steps with a final validation, schedules unchanged (0: no limit)")
     seed: int = _arg(0, "seed of the parameter initialisation")
     device: str = _arg("auto", "auto | cuda | cpu")
-    compile: str = _arg("auto", "auto (on with CUDA) | on | off: torch.compile of the model")
+    compile: str = _arg("auto", "auto (on with CUDA) | on | off: torch.compile of the model; Polar Express, the "
+                        "optimizers' math and the FP8 op bodies are compiled on CUDA either way")
     compile_cache: str = _arg("auto", "where compiled kernels persist between runs, so a second start is fast: auto "
                               "(.compile_cache/ beside this script) | off (compile from scratch) | a folder")
     fp8_head: str = _arg("auto", "auto (on GPUs of compute capability 8.9+: H100, H200, B200, L40S, RTX 4090) | on | "
