@@ -1447,15 +1447,21 @@ def fp8_head_enabled(cfg: Config, device) -> bool:
     return cfg.fp8_head == "on" or gpu_name_and_capability(device)[1] >= FP8_MIN_CAPABILITY
 
 
-def choose_attention(cfg: Config, device) -> tuple[str, str | None]:
-    """This run's attention kernel (with flash-attn-4's version) and, where auto passed flash-attn-4 over, why.
-    --attention=flash-attn-4 where it cannot run, or where it disagrees with varlen_attn, is an input error."""
+class AttentionChoice(NamedTuple):
+    kernel: str
+    version: str | None = None  # flash-attn-4's, where it runs
+    note: str | None = None  # why auto passed flash-attn-4 over, where it did
+
+
+def choose_attention(cfg: Config, device) -> AttentionChoice:
+    """This run's attention kernel. --attention=flash-attn-4 where it cannot run, or where it disagrees with
+    varlen_attn, is an input error."""
     if device.type != "cuda":
         if cfg.attention == "flash-attn-4":
             raise ConfigError("--attention=flash-attn-4 needs a CUDA GPU and this run is on the CPU; leave --attention=auto")
-        return "masked_sdpa", None
+        return AttentionChoice("masked_sdpa")
     if cfg.attention == "varlen_attn":
-        return "varlen_attn", None
+        return AttentionChoice("varlen_attn")
     name, capability = gpu_name_and_capability(device)
     problem = version = None
     if capability[0] not in FLASH_ATTN_4_ARCHS:
@@ -1471,10 +1477,10 @@ def choose_attention(cfg: Config, device) -> tuple[str, str | None]:
     if problem is None:
         problem = attention_mismatch("flash-attn-4", device, cfg.num_heads, cfg.head_dim)
     if problem is None:
-        return f"flash-attn-4 {version}", None
+        return AttentionChoice("flash-attn-4", version)
     if cfg.attention == "flash-attn-4":
         raise ConfigError(f"--attention=flash-attn-4: {problem}; use --attention=auto or --attention=varlen_attn")
-    return "varlen_attn", f"flash-attn-4 not used: {problem}"
+    return AttentionChoice("varlen_attn", note=f"flash-attn-4 not used: {problem}")
 
 
 def peak_bf16_flops(device) -> float | None:
@@ -1578,7 +1584,7 @@ class Inputs(NamedTuple):
     train_files: list[Path]
     val_data: list[tuple]
     hellaswag: list[dict] | None
-    attention: tuple[str, str | None]  # choose_attention's kernel and note
+    attention: AttentionChoice
 
 
 def check_inputs(cfg: Config, rank: int, world: int, device) -> Inputs:
@@ -1646,7 +1652,7 @@ def agreed(check):
 def train(cfg: Config, device, rank: int, world: int, inputs: Inputs, log: "RunLog", started: float,
           resume: dict | None = None):
     startup = {"data_s": time.perf_counter() - started}  # set-up, flags and every check of the inputs
-    grad_accum, micro_tokens, train_files, val_data, hellaswag, (attention_kernel, attention_note) = inputs
+    grad_accum, micro_tokens, train_files, val_data, hellaswag, attention = inputs
     batches = TrainBatches(train_files, cfg, rank, world, device)  # starts reading the first shard on a thread
     log.line(f"world size {world}, {grad_accum} micro-steps of {micro_tokens} tokens per rank, "
              f"{len(train_files)} training shards, {cfg.val_tokens} validation tokens")
@@ -1661,11 +1667,11 @@ def train(cfg: Config, device, rank: int, world: int, inputs: Inputs, log: "RunL
     startup["model_s"] = time.perf_counter() - started - startup["data_s"]
     raw_model.fp8_head = fp8_head_enabled(cfg, device)
     model = torch.compile(raw_model, dynamic=False, fullgraph=True) if compiles(cfg, device) else raw_model
-    raw_model.use_attention(attention_kernel.split()[0])
-    if attention_note:
-        log.line(attention_note)
+    raw_model.use_attention(attention.kernel)
+    if attention.note:
+        log.line(attention.note)
     log.kernels(lm_head="fp8" if raw_model.fp8_head else "bf16" if device.type == "cuda" else "fp32",
-                attention=attention_kernel,
+                attention=f"{attention.kernel} {attention.version}" if attention.version else attention.kernel,
                 torch_compile="on" if model is not raw_model else "off")
     torch._dynamo.config.recompile_limit = 64  # one graph per window pair and mode
     initial_state = {k: v.clone() for k, v in raw_model.state_dict().items()}

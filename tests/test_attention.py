@@ -167,7 +167,7 @@ def fake_gpu(monkeypatch, capability, version="4.0.0b36", problem=None):
 
 def test_auto_takes_flash_attn_4_on_hopper_once_it_passes_the_check(monkeypatch):
     checked = fake_gpu(monkeypatch, (9, 0))
-    assert tg.choose_attention(tg.parse_config([]), CUDA) == ("flash-attn-4 4.0.0b36", None)
+    assert tg.choose_attention(tg.parse_config([]), CUDA) == ("flash-attn-4", "4.0.0b36", None)
     assert checked == [("flash-attn-4", CUDA, 6, 128)]  # record 43's heads and head size
 
 
@@ -182,7 +182,7 @@ def test_auto_takes_flash_attn_4_on_hopper_once_it_passes_the_check(monkeypatch)
 ])
 def test_auto_falls_back_to_varlen_attn_and_says_why(monkeypatch, capability, version, problem, note):
     fake_gpu(monkeypatch, capability, version, problem)
-    assert tg.choose_attention(tg.parse_config([]), CUDA) == ("varlen_attn", note)
+    assert tg.choose_attention(tg.parse_config([]), CUDA) == ("varlen_attn", None, note)
     flag = tg.parse_config(["--attention=flash-attn-4"])
     expected = f"--attention=flash-attn-4: {note.split(': ', 1)[1]}; use --attention=auto or --attention=varlen_attn"
     with pytest.raises(tg.ConfigError, match=f"^{re.escape(expected)}$"):
@@ -191,8 +191,8 @@ def test_auto_falls_back_to_varlen_attn_and_says_why(monkeypatch, capability, ve
 
 def test_varlen_attn_by_flag_and_the_cpu(monkeypatch):
     checked = fake_gpu(monkeypatch, (9, 0))
-    assert tg.choose_attention(tg.parse_config(["--attention=varlen_attn"]), CUDA) == ("varlen_attn", None)
-    assert tg.choose_attention(tg.parse_config([]), CPU) == ("masked_sdpa", None)
+    assert tg.choose_attention(tg.parse_config(["--attention=varlen_attn"]), CUDA) == ("varlen_attn", None, None)
+    assert tg.choose_attention(tg.parse_config([]), CPU) == ("masked_sdpa", None, None)
     assert not checked
     with pytest.raises(tg.ConfigError, match="--attention=flash-attn-4 needs a CUDA GPU and this run is on the CPU"):
         tg.choose_attention(tg.parse_config(["--attention=flash-attn-4"]), CPU)
@@ -210,7 +210,7 @@ def test_a_broken_install_is_named_and_auto_trains_on(monkeypatch, error, note):
     def load():
         raise error
     monkeypatch.setattr(tg, "load_flash_attn_4", load)
-    assert tg.choose_attention(tg.parse_config([]), CUDA) == ("varlen_attn", f"flash-attn-4 not used: {note}")
+    assert tg.choose_attention(tg.parse_config([]), CUDA) == ("varlen_attn", None, f"flash-attn-4 not used: {note}")
     with pytest.raises(tg.ConfigError, match=re.escape(f"--attention=flash-attn-4: {note}; use")):
         tg.choose_attention(tg.parse_config(["--attention=flash-attn-4"]), CUDA)
 
