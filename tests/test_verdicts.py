@@ -1,0 +1,218 @@
+"""The verdicts on runs: paired statistics by seed and the optimization track's figures."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from test_records import LOSSES_43, cli, cli_json, curve, log_text, mean_and_std, record_json, write_run
+from test_train import ROOT
+
+sys.path.insert(0, str(ROOT / "records"))
+import compare  # noqa: E402
+
+T_975_4DF = 2.7764451  # Student's t, 97.5% quantile at 4 degrees of freedom (statistical tables)
+
+
+def seeded_run(folder: Path, name: str, seed: int | None, final: float, time_s: float = 20.0, steps: int = 400,
+               val: dict[int, float] | None = None) -> Path:
+    """A finished train_gpt.py record of the given seed, final loss, training time and step count."""
+    val = val or {**{s: v for s, v in curve(final).items() if s < steps}, steps: final}
+    record = record_json(name, val, steps, steps, "finished", setup={} if seed is None else {"seed": seed})
+    record["val"][-1]["train_time_ms"] = record["train_time_ms"] = 1000 * time_s
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(record))
+    return path
+
+
+def runset(folder: Path) -> compare.RunSet:
+    return compare.load_set([str(folder)], False)
+
+
+# -----------------------------------------------------------------------------
+# The optimization track's figures
+
+def test_pairwise_figure_of_the_track_readmes_example_12_against_6(tmp_path):
+    """#12 against #6: final_loss_diff -0.0002 (its loss 0.0002 higher), 50 steps fewer, 20 runs each: 0.00648."""
+    for i in range(20):
+        seeded_run(tmp_path / "six", f"six{i}", None, 3.2790 + (i % 5 - 2) * 1e-4, steps=2000)
+        seeded_run(tmp_path / "twelve", f"twelve{i}", None, 3.2792 + (i % 5 - 2) * 1e-4, steps=1950)
+    t = compare.diff(runset(tmp_path / "twelve"), runset(tmp_path / "six"))["track"]
+    assert t["final_loss_diff"] == pytest.approx(-0.0002) and t["step_diff"] == 50
+    assert t["n_runs"] == t["n_baseline"] == 20 and t["rate"] == 0.0045
+    assert round(t["figure"], 5) == 0.00648 and t["better"] is True
+    # its z-score and one-sided p-value at the track's sigma, by hand
+    assert t["z"] == pytest.approx(0.0064827 / 0.0013, rel=1e-4)
+    assert t["p"] == pytest.approx(0.5 * math.erfc(t["z"] / math.sqrt(2)))
+    # the other way round the figure changes sign; a lower rate counts the 50 steps for less
+    back = compare.diff(runset(tmp_path / "six"), runset(tmp_path / "twelve"))["track"]
+    assert back["figure"] == pytest.approx(-t["figure"]) and back["better"] is False
+    d = cli_json("diff", tmp_path / "twelve", "--baseline", tmp_path / "six", "--loss-per-100-steps", "0.002")
+    assert d["track"]["figure"] == pytest.approx((-0.0002 + 50 / 100 * 0.002) / math.sqrt(2 / 20))
+    assert d["track"]["rate"] == 0.002 and d["track"]["better"] is False
+    code, out, _ = cli("diff", tmp_path / "twelve", "--baseline", tmp_path / "six")
+    assert code == 0
+    assert ("track rule   (-0.0002 + 50 steps / 100 x 0.0045) / sqrt(1/20 + 1/20) = +0.00648 >= 0.004: runs better"
+            in out)
+
+
+def test_acceptance_figure_of_record43_by_hand():
+    mean = sum(LOSSES_43) / len(LOSSES_43)
+    figure = (3.28 - mean) * math.sqrt(10)
+    a = cli_json("summary", "record43")["acceptance"]
+    assert a["figure"] == pytest.approx(figure) and round(figure, 5) == 0.00503
+    assert a["passes"] is True and a["margin"] == 0.004 and a["sigma"] == 0.0013 and a["n"] == 10
+    assert a["p"] == pytest.approx(0.5 * math.erfc(figure / 0.0013 / math.sqrt(2)))
+    # one run with a curve: no step at which all ten validated
+    assert a["shared_steps"] == 0 and a["earliest_step"] is None
+    # --target moves the figure and the t-test's p-value alike
+    s = cli_json("summary", "record43", "--target", "3.279")
+    assert s["acceptance"]["figure"] == pytest.approx((3.279 - mean) * math.sqrt(10)) and not s["acceptance"]["passes"]
+    assert s["t_test_below_target"]["target"] == 3.279
+    assert s["t_test_below_target"]["p"] == pytest.approx(stats.ttest_1samp(LOSSES_43, 3.279, alternative="less").pvalue)
+    code, out, _ = cli("summary", "record43")
+    assert code == 0
+    assert ("track rule   (3.28 - 3.2784) x sqrt(10) = +0.00503 >= 0.004: passes  (z = 3.87 at sigma 0.0013, "
+            "p = 5.5e-05)") in out
+
+
+def test_earliest_step_at_which_the_mean_passes_with_dense_validation(tmp_path):
+    """Four runs validated every 25 steps near the end: sqrt(4) = 2, so the mean must be at most 3.278. Mean at
+    2175: 3.2790 (figure 0.0020), at 2200: 3.2779 (0.0042, passes). A step only one run validated at is no step."""
+    means = {2150: 3.2810, 2175: 3.2790, 2200: 3.2779, 2225: 3.2776, 2245: 3.2770}
+    for i, spread in enumerate((-0.0003, -0.0001, 0.0001, 0.0003)):
+        val = {0: 10.8, 2000: 3.32, **{s: m + spread for s, m in means.items()}}
+        if i == 0:
+            val[2190] = 3.0  # an extra validation of one run only
+        seeded_run(tmp_path, f"r{i}", i, val[2245], steps=2245, val=val)
+    a = cli_json("summary", tmp_path)["acceptance"]
+    assert a["shared_steps"] == 7
+    assert a["earliest_step"]["step"] == 2200
+    assert a["earliest_step"]["val_loss"] == pytest.approx(3.2779)
+    assert a["earliest_step"]["figure"] == pytest.approx((3.28 - 3.2779) * 2)
+    assert a["figure"] == pytest.approx((3.28 - 3.2770) * 2) and a["passes"]
+    # a lower target: only the final step passes ((3.2786 - 3.2770) x 2 = 0.0032 < 0.004 fails; at 3.2791: 0.0042)
+    assert cli_json("summary", tmp_path, "--target", "3.2786")["acceptance"]["earliest_step"] is None
+    assert cli_json("summary", tmp_path, "--target", "3.2791")["acceptance"]["earliest_step"]["step"] == 2245
+    code, out, _ = cli("summary", tmp_path)
+    assert "earliest step passing: step 2200 (mean 3.2779, +0.00420), of the 7 steps every run validated at" in out
+
+
+def test_target_moves_the_steps_to_target_and_the_plot_line(tmp_path):
+    seeded_run(tmp_path / "a", "a", 0, 3.30)
+    seeded_run(tmp_path / "b", "b", 0, 3.30)
+    d = cli_json("diff", tmp_path / "b", "--baseline", tmp_path / "a", "--target", "3.6")
+    assert d["target"] == 3.6 and d["runs"]["first_step_at_target"] == 200  # curve(): 3.6 at step 200
+    assert cli_json("diff", tmp_path / "b", "--baseline", tmp_path / "a")["runs"]["first_step_at_target"] is None
+    fig = compare.figure([runset(tmp_path / "a")], target=3.32)
+    full, last = fig.axes
+    lines = [list(line.get_ydata()) for line in last.get_lines()]
+    assert [3.32, 3.32] in lines and [compare.TARGET_LOSS] * 2 not in lines
+    assert "target 3.32" in [t.get_text() for t in fig.legends[0].get_texts()]
+    out = tmp_path / "curves.png"
+    code, _, err = cli("plot", tmp_path / "a", "-o", out, "--target", "3.32")
+    assert code == 0 and out.stat().st_size > 1000, err
+    code, _, err = cli("summary", tmp_path / "a", "--target", "nan")
+    assert code == 2 and "--target: 'nan' is not a finite number" in err
+
+
+def test_track_figures_say_when_the_runs_are_far_noisier_than_the_track_assumes(tmp_path):
+    """The tiny preset's final losses spread by about 0.05, 40 times the record's 0.0013."""
+    for seed, (a, b) in enumerate([(4.7159, 4.7089), (4.6314, 4.6281)]):
+        seeded_run(tmp_path / "a", f"a{seed}", seed, a)
+        seeded_run(tmp_path / "b", f"b{seed}", seed, b)
+    std = mean_and_std([4.7159, 4.6314])[1]
+    d = cli_json("diff", tmp_path / "b", "--baseline", tmp_path / "a")
+    assert d["track"]["loss_std"] == pytest.approx(std)
+    note = f"(the loss std here is {std:.4f}, {std / 0.0013:.0f} x the track's sigma: its figures assume the record's noise)"
+    assert note in cli("diff", tmp_path / "b", "--baseline", tmp_path / "a")[1]
+    assert note in cli("summary", tmp_path / "a")[1]
+    assert "track's sigma:" not in cli("summary", "record43")[1]  # std 0.0013 itself
+
+
+# -----------------------------------------------------------------------------
+# Paired statistics
+
+BASE = [3.2800, 3.2750, 3.2830, 3.2770, 3.2810]        # seeds 0..4: the seeds' own noise is large
+CAND = [3.2789, 3.2738, 3.2821, 3.2759, 3.2797]        # and the candidate about 0.0011 lower on each
+BASE_TIME = [20.10, 20.30, 19.90, 20.00, 20.20]
+CAND_TIME = [19.80, 20.05, 19.70, 19.65, 20.00]
+
+
+def paired_folders(tmp_path) -> tuple[Path, Path]:
+    for seed in range(5):
+        seeded_run(tmp_path / "a", f"a{seed}", seed, BASE[seed], BASE_TIME[seed])
+        seeded_run(tmp_path / "b", f"b{seed}", seed, CAND[seed], CAND_TIME[seed])
+    return tmp_path / "b", tmp_path / "a"
+
+
+def test_paired_t_test_against_scipy_and_a_hand_computed_interval(tmp_path):
+    runs, base = paired_folders(tmp_path)
+    d = cli_json("diff", runs, "--baseline", base)
+    p = d["paired"]
+    assert p["seeds"] == [0, 1, 2, 3, 4] and p["unpaired"] == {"runs": [], "baseline": []}
+    for key, cand, basel in (("final_val_loss", CAND, BASE), ("train_time_s", CAND_TIME, BASE_TIME)):
+        ref = stats.ttest_rel(cand, basel)
+        diffs = [c - b for c, b in zip(cand, basel)]
+        mean, std = mean_and_std(diffs)
+        half = T_975_4DF * std / math.sqrt(5)
+        t = p[key]
+        assert t["n"] == 5 and t["df"] == 4
+        assert t["t"] == pytest.approx(ref.statistic) and t["p"] == pytest.approx(ref.pvalue)
+        assert t["mean"] == pytest.approx(mean)
+        assert t["ci95"] == pytest.approx([mean - half, mean + half], rel=1e-6)
+    # pairing sees what Welch's test cannot: the seeds' noise is shared
+    assert p["final_val_loss"]["p"] < 0.001 < 0.5 < d["final_val_loss"]["welch"]["p"]
+    code, out, _ = cli("diff", runs, "--baseline", base)
+    t = p["final_val_loss"]
+    assert "paired       by seed, runs - baseline, 5 pairs (seeds 0, 1, 2, 3, 4)" in out
+    assert (f"  final loss mean {t['mean']:+.4f}  95% CI [{t['ci95'][0]:+.4f}, {t['ci95'][1]:+.4f}]  "
+            f"t = {t['t']:.3f}, 4 df, p = {t['p']:.4f} (two-sided)") in out
+    assert out.index("paired") < out.index("track rule") < out.index("runs timing")
+
+
+def test_pairs_are_the_seeds_both_sets_ran_and_a_repeated_seed_counts_once(tmp_path):
+    for seed in range(4):
+        seeded_run(tmp_path / "a", f"a{seed}", seed + 1, BASE[seed + 1])   # baseline: seeds 1..4
+        seeded_run(tmp_path / "b", f"b{seed}", seed, CAND[seed])           # runs: seeds 0..3
+    seeded_run(tmp_path / "b", "b1again", 1, 3.2700)                       # seed 1 twice in the runs
+    p = cli_json("diff", tmp_path / "b", "--baseline", tmp_path / "a")["paired"]
+    assert p["seeds"] == [1, 2, 3] and p["unpaired"] == {"runs": [0], "baseline": [4]}
+    assert p["repeated"] == {"runs": [{"seed": 1, "runs": 2}], "baseline": []}
+    diffs = [(CAND[1] + 3.2700) / 2 - BASE[1], CAND[2] - BASE[2], CAND[3] - BASE[3]]
+    ref = stats.ttest_1samp(diffs, 0)
+    assert p["final_val_loss"]["n"] == 3 and p["final_val_loss"]["p"] == pytest.approx(ref.pvalue)
+    code, out, _ = cli("diff", tmp_path / "b", "--baseline", tmp_path / "a")
+    assert "  left out, without a partner: the runs' seed 0" in out
+    assert "  left out, without a partner: the baseline's seed 4" in out
+    assert "  seed 1: 2 runs in the runs, taken as their mean" in out
+
+
+def test_sets_without_shared_seeds_keep_welch_only(tmp_path):
+    runs, _ = paired_folders(tmp_path)
+    d = cli_json("diff", runs, "--baseline", "record43")  # published figures tell no seeds
+    assert d["paired"] is None and d["final_val_loss"]["welch"]["p"] is not None
+    assert "paired       no seed in both sets: Welch's test only" in cli("diff", runs, "--baseline", "record43")[1]
+    one = tmp_path / "one"
+    seeded_run(one, "x", 0, 3.28)
+    p = cli_json("diff", one, "--baseline", tmp_path / "a")["paired"]
+    assert p["seeds"] == [0] and p["final_val_loss"]["p"] is None  # one pair: no test
+    assert p["final_val_loss"]["mean"] == pytest.approx(3.28 - BASE[0])
+
+
+def test_seeds_are_read_from_logs_and_kept_by_a_baseline_of_your_own(tmp_path, monkeypatch):
+    log = tmp_path / "run.txt"
+    log.write_text(log_text(curve(3.279), 400, 400, True).replace('config: {"preset"', 'config: {"seed": 7, "preset"'))
+    assert compare.load_file(log).runs[0].seed == 7
+    write_run(tmp_path / "noseed", "x", curve(3.279))  # a configuration without seed
+    assert compare.load_file(tmp_path / "noseed" / "x.json").runs[0].seed is None
+    monkeypatch.setattr(compare, "RECORDS_DIR", tmp_path / "records")
+    (tmp_path / "records").mkdir()
+    runs, base = paired_folders(tmp_path)
+    assert cli("record", base, "--name", "mybox")[0] == 0
+    figures = json.loads((tmp_path / "records" / "mybox" / "figures.json").read_text())
+    assert [r["seed"] for r in figures["runs"]] == [0, 1, 2, 3, 4]
+    assert cli_json("diff", runs, "--baseline", "mybox")["paired"]["seeds"] == [0, 1, 2, 3, 4]
