@@ -1,4 +1,5 @@
-"""The verdicts on runs: paired statistics by seed and the optimization track's figures."""
+"""The verdicts on runs: paired statistics by seed, the optimization track's figures and dense validation near the
+end."""
 import json
 import math
 import sys
@@ -8,10 +9,11 @@ import pytest
 from scipy import stats
 
 from test_records import LOSSES_43, cli, cli_json, curve, log_text, mean_and_std, record_json, write_run
-from test_train import ROOT
+from test_train import ROOT, run_trainer, shards, tiny_args  # noqa: F401 (shards: a fixture)
 
 sys.path.insert(0, str(ROOT / "records"))
 import compare  # noqa: E402
+import train_gpt as tg  # noqa: E402
 
 T_975_4DF = 2.7764451  # Student's t, 97.5% quantile at 4 degrees of freedom (statistical tables)
 
@@ -216,3 +218,34 @@ def test_seeds_are_read_from_logs_and_kept_by_a_baseline_of_your_own(tmp_path, m
     figures = json.loads((tmp_path / "records" / "mybox" / "figures.json").read_text())
     assert [r["seed"] for r in figures["runs"]] == [0, 1, 2, 3, 4]
     assert cli_json("diff", runs, "--baseline", "mybox")["paired"]["seeds"] == [0, 1, 2, 3, 4]
+
+
+# -----------------------------------------------------------------------------
+# Dense validation in the trainer
+
+def test_validation_steps_with_dense_validation_near_the_end():
+    cfg = tg.parse_config(["--dense_val_every=25", "--dense_val_steps=200"])
+    steps = [s for s in range(2246) if tg.validates(cfg, s, 2245)]
+    assert steps == [0, 250, 500, 750, 1000, 1250, 1500, 1750, 2000, 2050, 2075, 2100, 2125, 2150, 2175, 2200, 2225,
+                     2245]
+    cfg = tg.parse_config([])  # the record's: every 250 steps, none dense
+    assert [s for s in range(2246) if tg.validates(cfg, s, 2245)] == list(range(0, 2001, 250)) + [2245]
+    cfg = tg.parse_config(["--val_loss_every=0", "--dense_val_every=10", "--dense_val_steps=30", "--max_steps=100"])
+    assert [s for s in range(101) if tg.validates(cfg, s, 100)] == [0, 70, 80, 90, 100]  # near --max_steps' stop
+
+
+@pytest.mark.parametrize("flags", [["--dense_val_every=25"], ["--dense_val_steps=200"]])
+def test_dense_validation_needs_both_flags(flags):
+    with pytest.raises(tg.ConfigError, match="give both .*e.g. --dense_val_every=25 --dense_val_steps=200"):
+        tg.parse_config(flags)
+
+
+def test_the_trainer_validates_densely_near_its_stop(shards, tmp_path):  # noqa: F811
+    result = run_trainer(tiny_args(shards, tmp_path, "--max_steps=5", "--warmup_steps=0", "--val_loss_every=0",
+                                   "--dense_val_every=2", "--dense_val_steps=3", "--val_tokens=1024"), tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (path,) = (tmp_path / "logs").glob("*.json")
+    record = json.loads(path.read_text())
+    assert [p["step"] for p in record["val"]] == [0, 2, 4, 5]
+    times = [p["train_time_ms"] for p in record["val"]]
+    assert times == sorted(times) and record["train_time_ms"] == times[-1]
