@@ -1,7 +1,10 @@
-"""The verdicts on runs: paired statistics by seed, the optimization track's figures and dense validation near the
-end."""
+"""The verdicts on runs: paired statistics by seed, the optimization track's figures, dense validation near the end,
+and interleaved A/B comparisons (records/ab.py and ./run.sh --ab)."""
 import json
 import math
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -9,9 +12,10 @@ import pytest
 from scipy import stats
 
 from test_records import LOSSES_43, cli, cli_json, curve, log_text, mean_and_std, record_json, write_run
-from test_train import ROOT, run_trainer, shards, tiny_args  # noqa: F401 (shards: a fixture)
+from test_train import ROOT, fake_nvidia_smi, run_trainer, shards, tiny_args  # noqa: F401 (shards: a fixture)
 
 sys.path.insert(0, str(ROOT / "records"))
+import ab  # noqa: E402
 import compare  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
@@ -249,3 +253,155 @@ def test_the_trainer_validates_densely_near_its_stop(shards, tmp_path):  # noqa:
     assert [p["step"] for p in record["val"]] == [0, 2, 4, 5]
     times = [p["train_time_ms"] for p in record["val"]]
     assert times == sorted(times) and record["train_time_ms"] == times[-1]
+
+
+# -----------------------------------------------------------------------------
+# The plan of an A/B comparison (records/ab.py)
+
+TRAINER = ["python", "train_gpt.py", "--preset=tiny"]
+
+
+def test_plan_alternates_baseline_and_candidate_seed_by_seed_and_saves_the_comparison(tmp_path):
+    command = TRAINER + [f"--log_dir={tmp_path}"]
+    lines = ab.plan(2, "--adam_weight_decay=0.005", command)
+    assert lines == [("baseline", 0, tmp_path / "a", ""), ("candidate", 0, tmp_path / "b", ""),
+                     ("baseline", 1, tmp_path / "a", ""), ("candidate", 1, tmp_path / "b", "")]
+    saved = json.loads((tmp_path / "ab.args").read_text())
+    assert saved == {"format": "train_gpt-ab/1", "flags": ["--adam_weight_decay=0.005"], "command": command}
+
+
+def test_plan_of_the_gpu_command_reads_the_trainers_arguments_after_torchrun(tmp_path):
+    command = ["torchrun", "--standalone", "--nproc_per_node=8", "train_gpt.py", "--train_files=d/fineweb_train_*.bin",
+               "--val_files=d/fineweb_val_*.bin", "--log_dir", str(tmp_path / "gpu")]
+    lines = ab.plan(1, "--muon_lr=0.035 --num_scheduled_iterations=2150", command)
+    assert [(role, folder) for role, _, folder, _ in lines] == [("baseline", tmp_path / "gpu" / "a"),
+                                                               ("candidate", tmp_path / "gpu" / "b")]
+    with pytest.raises(ab.ABError, match="the baseline's arguments: unknown flag --nproc_per_node"):
+        ab.plan(1, "--muon_lr=0.035", ["torchrun", "train_gpt.py", "--nproc_per_node=8"])
+
+
+def test_plan_skips_the_runs_that_finished_and_only_those(tmp_path):
+    command = TRAINER + ["--log_dir", str(tmp_path)]
+    ab.plan(3, "--muon_lr=0.035", command)
+    done = {"a0": seeded_run(tmp_path / "a", "a0", 0, 3.28), "b0": seeded_run(tmp_path / "b", "b0", 0, 3.28),
+            "a1": seeded_run(tmp_path / "a", "a1", 1, 3.28)}
+    interrupted = record_json("b1", {0: 10.8, 100: 4.1}, 400, 120, "interrupted", setup={"seed": 1})
+    (tmp_path / "b" / "b1.json").write_text(json.dumps(interrupted))
+    (tmp_path / "b" / "b2.json").write_text('{"format": "train_gpt-record/1", "status": "fini')  # cut short
+    lines = ab.plan(3, "--muon_lr=0.035", command)
+    assert [(role, seed, record) for role, seed, _, record in lines] == [
+        ("baseline", 0, str(done["a0"])), ("candidate", 0, str(done["b0"])), ("baseline", 1, str(done["a1"])),
+        ("candidate", 1, ""), ("baseline", 2, ""), ("candidate", 2, "")]
+    # more pairs later: the same comparison, longer
+    assert len(ab.plan(5, "--muon_lr=0.035", command)) == 10
+
+
+def test_plan_refuses_another_comparison_in_a_folder_with_finished_runs(tmp_path):
+    command = TRAINER + [f"--log_dir={tmp_path}"]
+    ab.plan(2, "--muon_lr=0.035", command)
+    seeded_run(tmp_path / "a", "a0", 0, 3.28)
+    with pytest.raises(ab.ABError) as e:
+        ab.plan(2, "--muon_lr=0.04", command)
+    assert str(e.value) == (f"{tmp_path} holds a comparison with other FLAGS: --ab=\"--muon_lr=0.035\" on "
+                            f"`python train_gpt.py --preset=tiny --log_dir={tmp_path}`; run that to go on with it, or "
+                            "give another --log_dir")
+    with pytest.raises(ab.ABError, match="with other arguments: "):
+        ab.plan(2, "--muon_lr=0.035", command + ["--max_steps=10"])
+    (tmp_path / "ab.args").unlink()
+    with pytest.raises(ab.ABError, match=f"{tmp_path}/a or /b holds finished runs but no ab.args"):
+        ab.plan(2, "--muon_lr=0.035", command)
+
+
+def test_a_folder_without_finished_runs_takes_a_new_comparison(tmp_path):
+    command = TRAINER + [f"--log_dir={tmp_path}"]
+    ab.plan(2, "--muon_lr=0.035", command)
+    failed = record_json("a0", {0: 10.8}, 400, 3, "failed", setup={"seed": 0})
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "a0.json").write_text(json.dumps(failed))
+    ab.plan(2, "--muon_lr=0.04", command)
+    assert json.loads((tmp_path / "ab.args").read_text())["flags"] == ["--muon_lr=0.04"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    ("", "--ab needs the candidate's flags, e.g. --ab=\"--muon_lr=0.035 --num_scheduled_iterations=2150\""),
+    ("--muon_lr=x", "the candidate's flags (--ab): --muon_lr=x: expected a number, for example --muon_lr=0.5"),
+    ("--muon_lrr=0.04", "the candidate's flags (--ab): unknown flag --muon_lrr (did you mean --muon_lr?)"),
+    ("--seed=3", "--ab=--seed=3: --seed is set by the comparison for each run; leave it out of --ab"),
+    ("--log_dir x", "--ab=--log_dir x: --log_dir is set by the comparison"),
+    ("--train_files='a b'", "quotes and backslashes are not understood"),
+])
+def test_plan_refuses_bad_flags_before_any_run(tmp_path, flags, message):
+    with pytest.raises(ab.ABError) as e:
+        ab.plan(2, flags, TRAINER + [f"--log_dir={tmp_path}"])
+    assert message in str(e.value)
+    assert not (tmp_path / "ab.args").exists()
+
+
+def test_plan_checks_the_baselines_arguments_too(tmp_path):
+    with pytest.raises(ab.ABError, match="the baseline's arguments: --val_tokens=1000 is not a multiple"):
+        ab.plan(2, "--muon_lr=0.04", TRAINER + ["--val_tokens=1000", f"--log_dir={tmp_path}"])
+
+
+# -----------------------------------------------------------------------------
+# ./run.sh --ab: interleaved, interrupted, resumed
+
+def test_run_sh_ab_interleaves_the_pairs_resumes_after_an_interrupt_and_ends_with_the_paired_diff(tmp_path):
+    """Two pairs of very short tiny runs on the CPU; a Ctrl-C (SIGINT to the process group, as a terminal sends it)
+    during the third run stops the comparison; the same command again runs only the third and fourth."""
+    logs = tmp_path / "logs"
+    command = [str(ROOT / "run.sh"), "--ab=--adam_lr=0.05", "--runs=2", "--max_steps=2", "--warmup_steps=0",
+               "--val_tokens=1024", f"--log_dir={logs}"]
+    env = {**fake_nvidia_smi(tmp_path, 0), "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "stderr", "w") as err:
+        first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
+                                 start_new_session=True)
+        seen, third = [], False
+        for line in first.stdout:
+            seen.append(line.rstrip("\n"))
+            third = third or line.startswith("run 3 of 4")
+            if third and line.startswith("step:1/"):  # its record holds step 0: interrupted, not missing
+                os.killpg(first.pid, signal.SIGINT)
+        first.wait(timeout=600)
+    assert first.returncode == 130, (tmp_path / "stderr").read_text()[-2000:]
+    assert [line for line in seen if line.startswith("run ")] == [
+        "run 1 of 4: baseline, seed 0", "run 2 of 4: candidate, seed 0", "run 3 of 4: baseline, seed 1"]
+    assert ("run 3 of 4 did not finish (exit status 130); the same command again goes on from it"
+            in (tmp_path / "stderr").read_text())
+
+    def records(side):
+        return sorted((json.loads(p.read_text()) for p in (logs / side).glob("*.json")), key=lambda r: r["started_utc"])
+
+    def record_path(side, record):
+        return logs / side / Path(record["log_file"]).with_suffix(".json").name
+    assert [(r["config"]["seed"], r["status"]) for r in records("a")] == [(0, "finished"), (1, "interrupted")]
+    assert [(r["config"]["seed"], r["status"]) for r in records("b")] == [(0, "finished")]
+
+    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    runs = [line for line in second.stdout.splitlines() if line.startswith("run ")]
+    assert runs[:2] == [f"run 1 of 4: baseline, seed 0: finished before, {record_path('a', records('a')[0])}",
+                        f"run 2 of 4: candidate, seed 0: finished before, {record_path('b', records('b')[0])}"]
+    assert runs[2:] == ["run 3 of 4: baseline, seed 1", "run 4 of 4: candidate, seed 1"]
+    a, b = records("a"), records("b")
+    assert [(r["config"]["seed"], r["status"]) for r in a] == [(0, "finished"), (1, "interrupted"), (1, "finished")]
+    assert [(r["config"]["seed"], r["status"], r["config"]["adam_lr"]) for r in b] == [(0, "finished", 0.05),
+                                                                                       (1, "finished", 0.05)]
+    assert {r["config"]["adam_lr"] for r in a} == {tg.PRESETS["tiny"]["adam_lr"]}
+    # the closing diff: b against a, paired by seed, from the records' own losses and times
+    finished_a = [r for r in a if r["status"] == "finished"]
+    loss_diffs = [rb["final_val_loss"] - ra["final_val_loss"] for ra, rb in zip(finished_a, b)]
+    ref = stats.ttest_rel([r["final_val_loss"] for r in b], [r["final_val_loss"] for r in finished_a])
+    assert "runs:     b (2 runs, 2 with a curve)\nbaseline: a (2 runs, 2 with a curve)" in second.stdout
+    assert "paired       by seed, runs - baseline, 2 pairs (seeds 0, 1)" in second.stdout
+    assert (f"  final loss mean {sum(loss_diffs) / 2:+.4f}  95% CI [" in second.stdout and
+            f"t = {ref.statistic:.3f}, 1 df, p = {ref.pvalue:.4f} (two-sided)" in second.stdout)
+    assert "track rule   (" in second.stdout and "train time mean" in second.stdout
+    # the interrupted record stays, outside the statistics
+    assert "interrupted at step" in second.stderr
+
+    # another comparison in that folder is refused before any run
+    other = subprocess.run([*command[:1], "--ab=--adam_lr=0.06", *command[2:]], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert other.returncode == 2 and "run 1" not in other.stdout
+    assert other.stderr.splitlines()[-1].startswith(f"error: {logs} holds a comparison with other FLAGS: "
+                                                    "--ab=\"--adam_lr=0.05\" on `python train_gpt.py --preset=tiny")
