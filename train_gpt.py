@@ -131,6 +131,9 @@ class Config:
     # run
     warmup_steps: int = _arg(30, "untimed steps that compile every graph, then all state is reset")
     val_loss_every: int = _arg(250, "steps between validations (0: only at the start and the end)")
+    dense_val_every: int = _arg(0, "steps between validations over the last --dense_val_steps steps as well, to find "
+                                   "the earliest step at which the loss reaches its target (0: none)")
+    dense_val_steps: int = _arg(0, "the last steps before the run stops in which --dense_val_every applies")
     max_steps: int = _arg(0, "stop after this many steps with a final validation, schedules unchanged (0: no limit)")
     seed: int = _arg(0, "seed of the parameter initialisation")
     device: str = _arg("auto", "auto | cuda | cpu")
@@ -246,14 +249,17 @@ def check_config(cfg: Config):
                  "keep_checkpoints"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name}={getattr(cfg, name)}: must be positive")
-    for name in ("num_extension_iterations", "warmup_steps", "val_loss_every", "max_steps", "weight_decay",
-                 "adam_weight_decay", "embed_wd_mul", "value_embed_wd_mul", "lm_head_wd_mul", "scalar_wd_mul",
-                 "save_every"):
+    for name in ("num_extension_iterations", "warmup_steps", "val_loss_every", "dense_val_every", "dense_val_steps",
+                 "max_steps", "weight_decay", "adam_weight_decay", "embed_wd_mul", "value_embed_wd_mul",
+                 "lm_head_wd_mul", "scalar_wd_mul", "save_every"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name}={getattr(cfg, name)}: must not be negative")
     for name in ("adam_beta1", "adam_beta2", "lion_beta1", "lion_beta2"):
         if not 0 <= getattr(cfg, name) < 1:
             raise ConfigError(f"--{name}={getattr(cfg, name)}: must be in [0, 1) (default {FIELDS[name].default})")
+    if bool(cfg.dense_val_every) != bool(cfg.dense_val_steps):
+        raise ConfigError(f"--dense_val_every={cfg.dense_val_every} --dense_val_steps={cfg.dense_val_steps}: give both "
+                          "(validate every K steps over the last M), e.g. --dense_val_every=25 --dense_val_steps=200")
     if cfg.val_tokens % cfg.val_seq_tokens:
         raise ConfigError(f"--val_tokens={cfg.val_tokens} is not a multiple of --val_seq_tokens={cfg.val_seq_tokens}; "
                           f"use --val_tokens={max(1, cfg.val_tokens // cfg.val_seq_tokens) * cfg.val_seq_tokens}")
@@ -1325,6 +1331,14 @@ def final_step(cfg: Config) -> int:
     return min(cfg.num_iterations, cfg.max_steps) if cfg.max_steps else cfg.num_iterations
 
 
+def validates(cfg: Config, step: int, stop: int) -> bool:
+    """Whether the run validates after `step` steps: at the start and at the stop, every --val_loss_every steps, and
+    every --dense_val_every steps over the last --dense_val_steps before the stop."""
+    if step in (0, stop) or (cfg.val_loss_every and step % cfg.val_loss_every == 0):
+        return True
+    return bool(cfg.dense_val_every) and step >= stop - cfg.dense_val_steps and step % cfg.dense_val_every == 0
+
+
 def long_window(cfg: Config, step: int) -> int:
     if step >= cfg.num_scheduled_iterations:
         return cfg.window_extension
@@ -1711,8 +1725,7 @@ def train(cfg: Config, device, rank: int, world: int, inputs: Inputs, log: "RunL
     for step in range(start, stop + 1):
         last = step == stop
         # a resumed run validated its first step before the checkpoint was written
-        validate = (last or step == 0 or (cfg.val_loss_every and step % cfg.val_loss_every == 0)) and (
-            resume is None or step > start)
+        validate = validates(cfg, step, stop) and (resume is None or step > start)
         save = cfg.save_every and step > start and (last or step % cfg.save_every == 0)
         if validate or save:
             check.check()
@@ -1810,9 +1823,9 @@ def main(argv=None) -> int:
 
 CHECKPOINT_FORMAT = "train_gpt-checkpoint/1"
 # Flags that may change when a run resumes: they steer or record the run but do not change what it computes.
-RESUMABLE_CHANGES = ("preset", "max_steps", "val_loss_every", "warmup_steps", "device", "compile", "compile_cache",
-                     "log_dir", "checkpoint", "save_every", "keep_checkpoints", "checkpoint_dir", "resume", "hellaswag",
-                     "attention")
+RESUMABLE_CHANGES = ("preset", "max_steps", "val_loss_every", "dense_val_every", "dense_val_steps", "warmup_steps",
+                     "device", "compile", "compile_cache", "log_dir", "checkpoint", "save_every", "keep_checkpoints",
+                     "checkpoint_dir", "resume", "hellaswag", "attention")
 
 
 # sample.py reads checkpoints in a single process, without a process group, on purpose.
