@@ -2232,14 +2232,14 @@ def measure_weights(model: GPT, optimizers) -> dict[str, dict] | None:
     return figures
 
 
-def pooled(figures: list[dict], metric: str) -> float | None:
+def over_coordinates(figures: list[dict], metric: str) -> float | None:
     """The mean of a per-coordinate figure over all the parts' coordinates (parts without a value left out)."""
     known = [f for f in figures if f[metric] is not None]
     size = sum(f["size"] for f in known)
     return sum(f[metric] * f["size"] for f in known) / size if known else None
 
 
-def median(figures: list[dict], metric: str) -> float | None:
+def median_over_matrices(figures: list[dict], metric: str) -> float | None:
     known = [f[metric] for f in figures if f[metric] is not None]
     return float(np.median(known)) if known else None
 
@@ -2253,12 +2253,10 @@ def group_figures(parts: dict[str, dict]) -> dict[str, dict]:
     for summary, kinds in ANALYSIS_SUMMARIES.items():
         if all(kind in members for kind in kinds):
             members[summary] = [f for kind in kinds for f in members[kind]]
-    groups = {}
-    for name, figures in members.items():
-        combine = {"mean_square": pooled, "cautious_fraction": pooled, "condition_number": median,
-                   "max_singular_value": median}
-        groups[name] = {metric: combine[metric](figures, metric) for metric in ANALYSIS_METRICS if metric in figures[0]}
-    return groups
+    combine = {"mean_square": over_coordinates, "cautious_fraction": over_coordinates,
+               "condition_number": median_over_matrices, "max_singular_value": median_over_matrices}
+    return {name: {metric: combine[metric](figures, metric) for metric in ANALYSIS_METRICS if metric in figures[0]}
+            for name, figures in members.items()}
 
 
 def analysis_line(step: int, groups: dict[str, dict]) -> str:

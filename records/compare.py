@@ -208,7 +208,7 @@ def run_from_record(path: Path, data: dict) -> Run:
     where = "after" if status == "failed" else "at"  # as train_gpt.py says it: a failed step did not complete
     incomplete = None if status == "finished" else f"{status} {where} step {steps_done} of {num_steps}"
     peak = None if allocated is None or reserved is None else (int(allocated), int(reserved))
-    return Run(name, path, num_steps, steps_done, val[-1], hardware, val, incomplete, peak, config, analysis)
+    return Run(name, path, num_steps, steps_done, val[-1], hardware, val, incomplete, peak, config, analysis=analysis)
 
 
 def checked_analysis(analysis) -> dict | None:
