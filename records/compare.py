@@ -53,6 +53,12 @@ SETUP_FIELDS = ("preset", "steps", "model", "batch", "vocabulary", "data", "hard
 SETUP_KEYS = ("preset", "max_steps", "model_dim", "num_heads", "head_dim", "train_batch_tokens", "vocab_size",
               "train_files", "val_files", "val_tokens")
 
+# What plot --metric draws: the validation loss, or METRIC:NAME of a record's analysis (NAME a group or a part)
+VAL_LOSS = "val_loss"
+ANALYSIS_METRICS = ("mean_square", "cautious_fraction", "condition_number", "max_singular_value")
+METRIC_LABELS = {"mean_square": "mean square", "cautious_fraction": "cautious fraction",
+                 "condition_number": "condition number", "max_singular_value": "largest singular value"}
+
 RUN_HELP = ("a record file written by train_gpt.py (.json, or its .txt log), a log in the public speedrun "
             "format ('step:S/N val_loss:L train_time:Tms step_avg:Ams' lines), a figures.json of a "
             "published record, a folder of these (a .json is taken over the .txt of the same name), or the "
@@ -83,6 +89,7 @@ class Run:
     peak_memory_mib: tuple[int, int] | None = None      # (allocated, reserved)
     config: dict | None = None       # its SETUP_KEYS, where the source tells them
     seed: int | None = None          # train_gpt.py's --seed: runs of two sets with one seed are paired in diff
+    analysis: dict | None = None     # the record's "analysis" (weights at each validation), where it has one
 
     @property
     def setup(self) -> dict[str, str]:
@@ -207,6 +214,7 @@ def run_from_record(path: Path, data: dict) -> Run:
         allocated, reserved = data["peak_memory_allocated_mib"], data["peak_memory_reserved_mib"]
         name = str(data["run_id"])
         config, seed = setup_config(data.get("config")), seed_of(data.get("config"))
+        analysis = checked_analysis(data.get("analysis"))
     except (KeyError, TypeError, ValueError) as e:
         raise RecordError(f"{path}: damaged record, field {e} is missing or malformed; {damaged_fix(path)}")
     if status not in ("finished", "running", "failed", "interrupted"):
@@ -217,7 +225,23 @@ def run_from_record(path: Path, data: dict) -> Run:
     where = "after" if status == "failed" else "at"  # as train_gpt.py says it: a failed step did not complete
     incomplete = None if status == "finished" else f"{status} {where} step {steps_done} of {num_steps}"
     peak = None if allocated is None or reserved is None else (int(allocated), int(reserved))
-    return Run(name, path, num_steps, steps_done, val[-1], hardware, val, incomplete, peak, config, seed)
+    return Run(name, path, num_steps, steps_done, val[-1], hardware, val, incomplete, peak, config, seed, analysis)
+
+
+def checked_analysis(analysis) -> dict | None:
+    """A record's "analysis" (see the README's record files), with every series as long as its steps; a KeyError,
+    TypeError or ValueError where it is malformed."""
+    if analysis is None:
+        return None
+    steps = [int(step) for step in analysis["steps"]]
+    for section in ("groups", "params"):
+        for name, figures in analysis[section].items():
+            for metric in ANALYSIS_METRICS:
+                values = figures.get(metric, [])
+                if metric in figures and (len(values) != len(steps) or
+                                          not all(v is None or isinstance(v, (int, float)) for v in values)):
+                    raise ValueError(f"analysis.{section}.{name}.{metric}")
+    return analysis
 
 
 def runs_from_figures(path: Path, data: dict) -> RunSet:
@@ -546,7 +570,42 @@ def diff(runs: RunSet, baseline: RunSet, target: float = TARGET_LOSS, rate: floa
         "paired": paired(runs.finished, baseline.finished),
         "track": pairwise(runs.finished, baseline.finished, rate),
         "train_time": times,
+        "analysis": analysis_diff(runs, baseline),
     }
+
+
+def final_figures(runs: list[Run]) -> dict[str, list[float]]:
+    """METRIC:GROUP -> each run's value at its final validation, over the runs whose analysis has it there."""
+    values = {}
+    for run in runs:
+        if run.analysis is None or run.analysis["steps"][-1:] != [run.final.step]:
+            continue
+        for group, figures in run.analysis["groups"].items():
+            for metric in ANALYSIS_METRICS:
+                if figures.get(metric) and figures[metric][-1] is not None:
+                    values.setdefault(f"{metric}:{group}", []).append(figures[metric][-1])
+    return values
+
+
+def analysis_diff(runs: RunSet, baseline: RunSet) -> dict:
+    """The groups' weight figures at the final validation, mean over the finished runs of each side, side by side
+    with their ratio (None where a side lacks a figure)."""
+    finals = [final_figures(s.finished) for s in (runs, baseline)]
+    lacking = [s.name for s, f in zip((runs, baseline), finals) if not f]
+    note = None
+    if lacking:
+        note = (f"{' and '.join(lacking)}: no analysis figures (they are in the .json records of train_gpt.py runs "
+                "with --analysis=on, the default)")
+    keys = sorted(dict.fromkeys(key for f in finals for key in f),
+                  key=lambda key: ANALYSIS_METRICS.index(key.partition(":")[0]))
+    rows = []
+    for key in keys:
+        (mean_a, n_a), (mean_b, n_b) = [(float(np.mean(f[key])), len(f[key])) if key in f else (None, 0)
+                                        for f in finals]
+        ratio = mean_a / mean_b if mean_a is not None and mean_b else None
+        rows.append({"figure": key, "runs": mean_a, "runs_n": n_a, "baseline": mean_b, "baseline_n": n_b,
+                     "ratio": ratio})
+    return {"note": note, "final": rows}
 
 
 def fmt(x: float, spec: str) -> str:
@@ -676,7 +735,21 @@ def render_diff(d: dict) -> str:
              f"{t['runs_s']:.4f}", f"{t['baseline_s']:.4f}", f"{t['diff_s']:+.4f}", f"{t['diff_percent']:+.2f}%"]
             for t in d["train_time"]]
     out.append(table(["runs timing", "baseline timing", "runs (s)", "baseline (s)", "diff (s)", "diff"], rows))
+    out += render_analysis_diff(d["analysis"])
     return "\n".join(out)
+
+
+def render_analysis_diff(a: dict) -> list[str]:
+    """The weight figures' table; nothing where neither side has any."""
+    if not a["final"]:
+        return []
+    def value(x, spec=".4g"):
+        return "n/a" if x is None else format(x, spec)
+    rows = [[r["figure"], value(r["runs"]), str(r["runs_n"]), value(r["baseline"]), str(r["baseline_n"]),
+             value(r["ratio"], ".3f")] for r in a["final"]]
+    out = ["", "weights at the final validation (mean over runs)",
+           table(["figure", "runs", "n", "baseline", "n", "runs / baseline"], rows)]
+    return out + ([a["note"]] if a["note"] else [])
 
 
 def to_json(report: dict) -> str:
@@ -722,53 +795,111 @@ def loss_range(losses: list[float], target: float = TARGET_LOSS) -> tuple[float,
     return low - margin, high + margin
 
 
-def draw_runs(ax, sets: list[RunSet]) -> None:
+def value_range(values: list[float]) -> tuple[float, float]:
+    low, high = min(values), max(values)
+    margin = 0.05 * (high - low) or 0.05 * abs(high) or 0.01
+    return low - margin, high + margin
+
+
+def analysis_series(run: Run, metric: str) -> list | None:
+    """The series METRIC:NAME of a run's analysis, NAME a group or a part; None where the run lacks it."""
+    kind, _, name = metric.partition(":")
+    if run.analysis is None or kind not in ANALYSIS_METRICS:
+        return None
+    for section in ("groups", "params"):
+        if kind in run.analysis[section].get(name, {}):
+            return run.analysis[section][name][kind]
+    return None
+
+
+def run_points(run: Run, metric: str) -> list[tuple[int, float]]:
+    """(step, value) of a run's curve of `metric`: its validation losses (the final one alone where only it is
+    published), or an analysis series with undefined values as nan (gaps); [] where the run lacks it."""
+    if metric == VAL_LOSS:
+        return [(p.step, p.val_loss) for p in (run.val or [run.final])]
+    series = analysis_series(run, metric) or []
+    return [(step, math.nan if v is None else v) for step, v in zip(run.analysis["steps"], series)] if series else []
+
+
+def metric_label(metric: str) -> str:
+    if metric == VAL_LOSS:
+        return "validation loss"
+    kind, _, name = metric.partition(":")
+    return f"{METRIC_LABELS[kind]}, {name}"
+
+
+def check_metric(sets: list[RunSet], metric: str) -> list[str]:
+    """Refuse a metric no run has, naming those the runs have; one warning line per set with runs that lack it."""
+    if metric == VAL_LOSS:
+        return []
+    runs = [r for s in sets for r in s.runs]
+    if not any(run_points(r, metric) for r in runs):
+        groups = dict.fromkeys(g for r in runs if r.analysis for g in r.analysis["groups"])
+        names = [f"{kind}:{g}" for kind in ANALYSIS_METRICS for g in groups
+                 if any(analysis_series(r, f"{kind}:{g}") for r in runs)]
+        if not names:
+            raise RecordError(f"--metric {metric}: no run here has weight figures: they are in the .json records of "
+                              f"train_gpt.py runs with --analysis=on (the default); use --metric {VAL_LOSS}")
+        raise RecordError(f"--metric {metric}: no run has it; choose {VAL_LOSS} or one of {', '.join(names)} "
+                          "(or METRIC:PART for a part of the record's analysis, e.g. mean_square:blocks.1.mlp.fc)")
+    lines = []
+    for s in sets:
+        lacking = sum(not run_points(r, metric) for r in s.runs)
+        if lacking:
+            lines.append(f"warning: {plural(lacking, 'run')} of {s.name} without {metric}, not drawn")
+    return lines
+
+
+def draw_runs(ax, sets: list[RunSet], metric: str = VAL_LOSS) -> None:
     """Each run's curve in its set's colour; unfinished runs dashed, runs with only a final loss as dots."""
     for i, runset in enumerate(sets):
         for run in runset.runs:
-            points = run.val or [run.final]
-            ax.plot([p.step for p in points], [p.val_loss for p in points], color=f"C{i % 10}",
+            points = run_points(run, metric)
+            ax.plot([step for step, _ in points], [value for _, value in points], color=f"C{i % 10}",
                     linestyle="--" if run.incomplete else "-", marker="o" if len(points) == 1 else None,
                     linewidth=1.2, markersize=4, alpha=0.7)
     ax.grid(alpha=0.3)
 
 
-def figure(sets: list[RunSet], target: float = TARGET_LOSS):
-    """Validation loss against step: whole curves from step 0 on the left, the last third of the steps on the
-    right, each scaled to what it shows; the target line only where it falls inside a panel."""
+def figure(sets: list[RunSet], metric: str = VAL_LOSS, target: float = TARGET_LOSS):
+    """`metric` (the validation loss, or METRIC:NAME of the records' analysis) against step: whole curves from step 0
+    on the left, the last third of the steps on the right, each scaled to what it shows; for the validation loss the
+    target line only where it falls inside a panel."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
     fig = Figure(figsize=(12, 5.5), dpi=100, layout="constrained")
-    points = [p for s in sets for r in s.runs for p in (r.val or [r.final])]
-    end = max(max(p.step for p in points), 1)
+    points = [p for s in sets for r in s.runs for p in run_points(r, metric)]
+    end = max(max(step for step, _ in points), 1)
     start = 2 * end / 3
     full, last = fig.subplots(1, 2)
     target_shown = False
     for ax, left, title in ((full, 0, "whole run"), (last, start, "last third")):
-        draw_runs(ax, sets)
+        draw_runs(ax, sets, metric)
         ax.set_xlim(left - 0.02 * end, 1.02 * end)
-        ax.set_ylim(*loss_range([p.val_loss for p in points if p.step >= left], target))
+        shown = [value for step, value in points if step >= left and not math.isnan(value)]
+        if shown:
+            ax.set_ylim(*(loss_range(shown, target) if metric == VAL_LOSS else value_range(shown)))
         low, high = ax.get_ylim()
-        if low <= target <= high:
+        if metric == VAL_LOSS and low <= target <= high:
             ax.axhline(target, color="black", linestyle=":", linewidth=1)
             target_shown = True
         ax.set_title(title)
         ax.set_xlabel("step")
-    full.set_ylabel("validation loss")
-    handles = [Line2D([], [], color=f"C{i % 10}", label=f"{s.name} ({plural(len(s.runs), 'run')})")
-               for i, s in enumerate(sets)]
+    full.set_ylabel(metric_label(metric))
+    drawn = [(i, s, sum(bool(run_points(r, metric)) for r in s.runs)) for i, s in enumerate(sets)]
+    handles = [Line2D([], [], color=f"C{i % 10}", label=f"{s.name} ({plural(n, 'run')})") for i, s, n in drawn if n]
     if target_shown:
         handles.append(Line2D([], [], color="black", linestyle=":", label=f"target {target}"))
     if any(r.incomplete for s in sets for r in s.runs):
         handles.append(Line2D([], [], color="gray", linestyle="--", label="unfinished run"))
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles))
-    fig.suptitle("validation loss" + (f", baseline {sets[-1].name}" if len(sets) > 1 else ""))
+    fig.suptitle(metric_label(metric) + (f", baseline {sets[-1].name}" if len(sets) > 1 else ""))
     return fig
 
 
-def plot(sets: list[RunSet], out: Path, target: float = TARGET_LOSS) -> None:
-    fig = figure(sets, target)
+def plot(sets: list[RunSet], out: Path, metric: str = VAL_LOSS, target: float = TARGET_LOSS) -> None:
+    fig = figure(sets, metric, target)
     formats = fig.canvas.get_supported_filetypes()
     if out.suffix[1:] not in formats:
         raise RecordError(f"{out}: cannot write a {out.suffix or 'suffix-less'} image; end the name with "
@@ -885,13 +1016,17 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (summary, diffing):
         add_allow_incomplete(sub)
         sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    plotting = add("plot", "plot validation loss against step",
-                   "Plot the validation loss of the RUNs (and the baseline) against step: the whole curves, and "
-                   "the last third of the steps near the target. Unfinished runs are drawn dashed; runs with "
-                   "only a published final loss as dots.")
+    plotting = add("plot", "plot validation loss (or a weight figure) against step",
+                   "Plot the validation loss of the RUNs (and the baseline) against step, or with --metric a weight "
+                   "figure of their analysis: the whole curves, and the last third of the steps (for the loss, near "
+                   "the target). Unfinished runs are drawn dashed; runs with only a published final loss as dots.")
     plotting.add_argument("--baseline", metavar="NAME_OR_PATH",
                           help="runs to draw in a second colour, as a RUN: record43, record42 or a path")
     plotting.add_argument("-o", "--output", required=True, metavar="FILE.png", help="image to write (.png, .svg, .pdf)")
+    plotting.add_argument("--metric", default=VAL_LOSS, metavar="NAME",
+                          help=f"what to draw: {VAL_LOSS} (the default), or a weight figure of the records' "
+                               f"analysis as METRIC:GROUP with METRIC one of {', '.join(ANALYSIS_METRICS)} and GROUP "
+                               "e.g. attn, mlp, mlp_in, attn_o, embed (or a part: mean_square:blocks.1.mlp.fc)")
     add_allow_incomplete(plotting)
     for sub in (summary, diffing, plotting):
         sub.add_argument("--target", type=finite_number, default=TARGET_LOSS, metavar="LOSS",
@@ -918,9 +1053,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "plot":
             sets = [runs] + ([baseline] if baseline else [])
-            for line in setup_warnings(sets):
+            for line in setup_warnings(sets) + check_metric(sets, args.metric):
                 print(line, file=sys.stderr)
-            plot(sets, Path(args.output), args.target)
+            plot(sets, Path(args.output), args.metric, args.target)
             print(f"wrote {args.output}")
             return 0
         if args.command == "summary":
