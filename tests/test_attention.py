@@ -84,6 +84,7 @@ def output_and_grads(fn, q, k, v, grad):
 @pytest.mark.parametrize("window", [0, 3, 40])
 def test_flash_attn_4_ops_match_the_masked_attention(stand_in, window):
     q, k, v, grad, cu = documents([30, 1, 17, 12])
+    window = torch.tensor(window)
     got = output_and_grads(lambda *qkv: tg.attention(*qkv, cu, 32, window, "flash-attn-4"), q, k, v, grad)
     want = output_and_grads(lambda *qkv: tg.attention(*qkv, cu, 32, window), q, k, v, grad)
     for name, a, b in zip(("output", "dq", "dk", "dv"), got, want):
@@ -93,18 +94,34 @@ def test_flash_attn_4_ops_match_the_masked_attention(stand_in, window):
 def test_flash_attn_4_ops_compile_with_fake_shapes_and_autograd(stand_in):
     """torch.compile traces the custom ops by their fake implementations; the compiled gradients are the eager ones."""
     q, k, v, grad, cu = documents([25, 39])
-    eager = output_and_grads(lambda *qkv: tg.attention(*qkv, cu, 64, 9, "flash-attn-4"), q, k, v, grad)
+    window = torch.tensor(9)
+    eager = output_and_grads(lambda *qkv: tg.attention(*qkv, cu, 64, window, "flash-attn-4"), q, k, v, grad)
     torch._dynamo.reset()
     try:
-        compiled = torch.compile(lambda *qkv: tg.attention(*qkv, cu, 64, 9, "flash-attn-4").sin(), fullgraph=True,
+        compiled = torch.compile(lambda *qkv: tg.attention(*qkv, cu, 64, window, "flash-attn-4").sin(), fullgraph=True,
                                  dynamic=False, backend="aot_eager")
         got = output_and_grads(compiled, q, k, v, grad)
     finally:
         torch._dynamo.reset()
-    want = output_and_grads(lambda *qkv: tg.attention(*qkv, cu, 64, 9, "flash-attn-4").sin(), q, k, v, grad)
+    want = output_and_grads(lambda *qkv: tg.attention(*qkv, cu, 64, window, "flash-attn-4").sin(), q, k, v, grad)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(want[0], eager[0].sin())
+
+
+def test_the_varlen_ops_call_the_aten_kernels_as_their_schemas_take_them():
+    """On meta tensors the aten FlashAttention ops check their arguments against their schemas and return shapes
+    without a GPU: the custom ops' calls fit (positional and keyword arguments both: the ones torch 2.11 and 2.13
+    share), and give what the fake implementations promise the compiler."""
+    meta = torch.device("meta")
+    T, heads, dim = 60, 2, 16
+    q, k, v, grad = (torch.empty(T, heads, dim, device=meta, dtype=torch.bfloat16) for _ in range(4))
+    cu = torch.empty(5, dtype=torch.int32, device=meta)
+    out, lse = tg.flash_attention(q, k, v, cu, 32, torch.tensor(3), "varlen_attn")
+    assert (out.shape, out.dtype, lse.shape, lse.dtype) == (q.shape, q.dtype, (heads, T), torch.float32)
+    for got, like in zip(tg.flash_attention_backward(grad, q, k, v, out, lse, cu, 32, torch.tensor(3), "varlen_attn"),
+                         (q, k, v)):
+        assert (got.shape, got.dtype) == (like.shape, like.dtype)
 
 
 def test_the_model_runs_the_kernel_it_is_given(stand_in):
@@ -120,7 +137,7 @@ def test_the_model_runs_the_kernel_it_is_given(stand_in):
     def loss_and_grads(kernel):
         model.use_attention(kernel)
         model.zero_grad()
-        loss = model(tokens[:-1], tokens[1:], cu, 128, 1, 3)
+        loss = model(tokens[:-1], tokens[1:], cu, 128, *model.windows(1, 3))
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 

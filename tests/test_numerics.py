@@ -884,7 +884,7 @@ def packed_batch(vocab: int, T: int):
 def loss_and_grads(run, model, batch, T: int):
     """Loss and parameter gradients of `run` (the model itself or its compiled form)."""
     model.zero_grad(set_to_none=True)
-    loss = run(*batch, T, 1, 3)
+    loss = run(*batch, T, *model.windows(1, 3))
     loss.backward()
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
