@@ -128,7 +128,8 @@ class Config:
     lion_lr_scale: float = _arg(0.3, "Lion's lr is adam_lr x this, with Adam's per-parameter multipliers (the Lion "
                                      "paper: 3 to 10 times smaller than AdamW's, as a sign step is larger)")
     # run
-    warmup_steps: int = _arg(30, "untimed steps that compile every graph, then all state is reset")
+    warmup_steps: int = _arg(2, "untimed training steps, then a validation of one batch, before the run; then all "
+                                "state is reset. An even and an odd step compile every graph")
     val_loss_every: int = _arg(250, "steps between validations (0: only at the start and the end)")
     dense_val_every: int = _arg(0, "steps between validations over the last --dense_val_steps steps as well, to find "
                                    "the earliest step at which the loss reaches its target (0: none)")
@@ -172,7 +173,7 @@ PRESETS = {
                  train_batch_tokens=8 * 256, micro_batch_tokens=256, val_seq_tokens=512, val_tokens=16 * 512,
                  max_doc_tokens=256, window_block=16, num_scheduled_iterations=72, num_extension_iterations=8,
                  adam_lr=0.03, embed_lr_mul=20.0, momentum_warmup_steps=30, momentum_cooldown_steps=5,
-                 warmup_steps=4, val_loss_every=20),
+                 val_loss_every=20),
 }
 CHOICES = {"preset": tuple(PRESETS), "device": ("auto", "cuda", "cpu"), "compile": ("auto", "on", "off"),
            "fp8_head": ("auto", "on", "off"), "attention": ("auto", "flash-attn-4", "varlen_attn"),
@@ -1716,15 +1717,17 @@ def train(cfg: Config, device, rank: int, world: int, inputs: Inputs, log: "RunL
     initial_state = {k: v.clone() for k, v in raw_model.state_dict().items()}
     check = LossCheck(device)
 
-    # Warm-up: compile the training graph of every window size and both kinds of step, then undo it all.
+    # Warm-up: an even and an odd step compile the training graph and, on CUDA, every optimizer step; a validation of
+    # one batch compiles the evaluation graph. Every window shares them. Then it is all undone.
     optimizers = make_optimizers(cfg, raw_model)
     if cfg.warmup_steps:
-        sizes = sorted(set(cfg.window_schedule) | {cfg.window_extension})
         with explain_out_of_memory(cfg, world, training=True):
             for step in range(cfg.warmup_steps):
-                size = sizes[step % len(sizes)]
-                check.push(f"warm-up step {step + 1}", train_step(cfg, model, optimizers, batches, grad_accum, step, (size // 2, size)))
+                windows = (long_window(cfg, step) // 2, long_window(cfg, step))
+                check.push(f"warm-up step {step + 1}", train_step(cfg, model, optimizers, batches, grad_accum, step, windows))
             check.check()
+        with explain_out_of_memory(cfg, world, training=False):
+            evaluate(model, val_data[:1], windows, device)
         check = LossCheck(device)  # step lines show training losses, not the warm-up's
         raw_model.zero_grad(set_to_none=True)
         raw_model.load_state_dict(initial_state)
