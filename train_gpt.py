@@ -1547,6 +1547,53 @@ def compiles(cfg: Config, device) -> bool:
     return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
 
 
+class ModelGraphs:
+    """torch.compile's backend for the model: inductor's compile_fx, as by default, counting the graphs dynamo hands it.
+    The warm-up compiles all of them. A graph compiled after it (a recompile, which the timed run pays for) is reported
+    in one warning line with dynamo's reason when it first runs, as dynamo has recorded the reason by then. The counts
+    go in the record's "compile"."""
+
+    def __init__(self, log: "RunLog"):
+        self.log, self.graphs, self.late = log, 0, None  # late: graphs compiled after the warm-up, None during it
+        self._report()
+
+    def warmed_up(self):
+        self.late = 0
+        self._report()
+
+    def __call__(self, graph: torch.fx.GraphModule, example_inputs):
+        from torch._inductor.compile_fx import compile_fx  # loaded only where something compiles
+        self.graphs += 1
+        compiled = compile_fx(graph, example_inputs)
+        if self.late is not None:
+            self.late += 1
+            compile_id = str(torch._guards.CompileContext.current_compile_id())
+            compiled = self._warn_on_first_run(compiled, self.graphs, compile_id)
+        self._report()
+        return compiled
+
+    def _warn_on_first_run(self, compiled, number: int, compile_id: str):
+        pending = [compile_id]
+
+        @functools.wraps(compiled)
+        def run(*args):
+            if pending:
+                self.log.line(f"warning: model graph {number} was compiled after the warm-up, in the timed run; "
+                              f"dynamo's reason: {recompile_reason(pending.pop())}")
+            return compiled(*args)
+        return run
+
+    def _report(self):
+        self.log.compiled(self.graphs, self.late or 0)
+
+
+def recompile_reason(compile_id: str) -> str:
+    """The first line of dynamo's reason for compiling `compile_id` again, from its compilation metrics."""
+    reasons = [m.recompile_reason for m in torch._dynamo.utils.get_compilation_metrics() if m.compile_id == compile_id]
+    reason = reasons[-1] if reasons else None
+    return reason.strip().splitlines()[0] if reason else "none, it is the model's first compile"
+
+
 def persist_compiled_kernels(cfg: Config):
     """Point inductor's and Triton's caches at one lasting folder, so the next run of the same configuration
     loads its kernels instead of compiling them; or switch the caches off."""
@@ -1707,7 +1754,8 @@ def train(cfg: Config, device, rank: int, world: int, inputs: Inputs, log: "RunL
         dist.broadcast(p.detach(), 0)
     startup["model_s"] = time.perf_counter() - started - startup["data_s"]
     raw_model.fp8_head = fp8_head_enabled(cfg, device)
-    model = torch.compile(raw_model, dynamic=False, fullgraph=True) if compiles(cfg, device) else raw_model
+    graphs = ModelGraphs(log)
+    model = torch.compile(raw_model, backend=graphs, dynamic=False, fullgraph=True) if compiles(cfg, device) else raw_model
     raw_model.use_attention(attention.kernel)
     if attention.note:
         log.line(attention.note)
@@ -1734,6 +1782,7 @@ def train(cfg: Config, device, rank: int, world: int, inputs: Inputs, log: "RunL
         batches.reset()
         optimizers = make_optimizers(cfg, raw_model)
     del initial_state
+    graphs.warmed_up()
 
     start, train_ms = 0, 0.0
     if resume is not None:
@@ -2169,9 +2218,9 @@ class RunLog:
         self.record = {"format": "train_gpt-record/1", "run_id": run_id, "status": "running",
                        "started_utc": started.strftime("%Y-%m-%dT%H:%M:%SZ"), "log_file": self.txt_path.name,
                        "config": dataclasses.asdict(cfg), "env": env, "num_steps": cfg.num_iterations, "steps_done": 0,
-                       "startup_s": None, "startup": None, "val": [], "final_val_loss": None, "train_time_ms": None,
-                       "step_avg_ms": None, "tokens_per_s": None, "mfu": None, "peak_memory_allocated_mib": None,
-                       "peak_memory_reserved_mib": None, "error": None}
+                       "startup_s": None, "startup": None, "compile": None, "val": [], "final_val_loss": None,
+                       "train_time_ms": None, "step_avg_ms": None, "tokens_per_s": None, "mfu": None,
+                       "peak_memory_allocated_mib": None, "peak_memory_reserved_mib": None, "error": None}
         self.file = open(self.txt_path, "w")
         print(f"record: {self.txt_path}", flush=True)
         self.file.write(Path(__file__).read_text() + "\n" + SEPARATOR + "\n")
@@ -2210,6 +2259,11 @@ class RunLog:
         self.line("kernels: " + ", ".join(f"{name} {value}" for name, value in chosen.items()))
         if self.enabled:
             self.record["env"].update(chosen)
+
+    def compiled(self, model_graphs: int, recompiles_after_warmup: int):
+        """How many graphs torch.compile made of the model, and how many of them after the warm-up."""
+        if self.enabled:
+            self.record["compile"] = {"model_graphs": model_graphs, "recompiles_after_warmup": recompiles_after_warmup}
 
     def startup(self, parts: dict):
         seconds = sum(parts.values())

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from test_numerics import CountingLog
 
 CUDA = torch.device("cuda", 0)  # a device object only: nothing here touches a GPU
 CPU = torch.device("cpu")
@@ -107,6 +108,34 @@ def test_flash_attn_4_ops_compile_with_fake_shapes_and_autograd(stand_in):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(want[0], eager[0].sin())
+
+
+def test_the_compiled_masked_path_makes_one_graph_for_every_window():
+    """Compiled by inductor as the model is, the CPU's attention builds its mask from the window tensor: one graph
+    serves every window, each with the eager output within float32 rounding; the check that max_seqlen covers every
+    document still runs; and a graph made after the warm-up (here for a shorter input) is reported with dynamo's
+    reason."""
+    q, k, v, _, cu = documents([30, 1, 17, 12])
+    log = CountingLog()
+    graphs = tg.ModelGraphs(log)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(lambda q, k, v, cu, window: tg.attention(q, k, v, cu, 32, window), backend=graphs,
+                                 fullgraph=True, dynamic=False)
+        for window in (3, 7, 40):
+            got = compiled(q, k, v, cu, torch.tensor(window))
+            torch.testing.assert_close(got, tg.attention(q, k, v, cu, 32, torch.tensor(window)), rtol=1e-6, atol=1e-6)
+            graphs.warmed_up()
+        assert log.counts == (1, 0) and not log.lines
+        with pytest.raises(RuntimeError, match="<= 32"):  # a 40-token document
+            compiled(q, k, v, torch.tensor([0, 40, 41, 58, 60], dtype=torch.int32), torch.tensor(3))
+        compiled(q[:50], k[:50], v[:50], torch.tensor([0, 30, 31, 48, 50], dtype=torch.int32), torch.tensor(3))
+    finally:
+        torch._dynamo.reset()
+    assert log.counts == (2, 1)
+    (line,) = log.lines
+    assert re.fullmatch(r"warning: model graph 2 was compiled after the warm-up, in the timed run; dynamo's reason: "
+                        r"0/0: tensor '[qkv]' size mismatch at index 0\. expected 60, actual 50", line), line
 
 
 def test_the_varlen_ops_call_the_aten_kernels_as_their_schemas_take_them():

@@ -5,7 +5,7 @@ import torch
 from torch.nn.attention.varlen import varlen_attn
 
 import train_gpt as tg
-from test_numerics import (ADAM_GROUP_WD, NORMUON_TOLERANCE, POLAR_TOLERANCE, STEPS, adam_group_case,
+from test_numerics import (ADAM_GROUP_WD, NORMUON_TOLERANCE, POLAR_TOLERANCE, STEPS, CountingLog, adam_group_case,
                            adam_group_optimizer, adam_group_reference, graphs_after_each_step, graphs_made,
                            normuon_update_errors, polar_reference, relative_error, run_adam_group)
 from test_numerics import process_group  # noqa: F401 (a fixture, requested by name)
@@ -296,3 +296,32 @@ def test_compiled_model_with_flash_attn_4_trains_like_eager_varlen_attn():
     (eager_loss, eager_grad), (compiled_loss, compiled_grad) = results
     assert abs(eager_loss - compiled_loss) < 1e-2 * eager_loss
     assert (compiled_grad - eager_grad).norm() < 5e-2 * eager_grad.norm()
+
+
+@pytest.mark.parametrize("kernel", ["varlen_attn", "flash-attn-4"])
+def test_one_training_graph_and_one_evaluation_graph_serve_every_window_on_cuda(kernel):
+    """The tiny model compiled as the trainer compiles it, trained at each window of the record's schedule and
+    evaluated at the final validation's: two graphs in all, and the compiled losses are the eager ones."""
+    if kernel == "flash-attn-4":
+        skip_without_flash_attn_4()
+    model, inputs, targets, cu = random_tiny_model_and_batch(6)
+    model.use_attention(kernel)
+    log = CountingLog()
+    graphs = tg.ModelGraphs(log)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=graphs, dynamic=False, fullgraph=True)
+    for i, long in enumerate((3, 7, 11, 13, 20)):
+        training = long != 20
+        model.train(training)
+        for run in (model, compiled):
+            with torch.set_grad_enabled(training):
+                loss = run(inputs, targets, cu, 512, *model.windows(long // 2, long))
+            if training:
+                loss.backward()
+            if run is model:
+                eager = loss.item()
+        assert abs(loss.item() - eager) < 1e-2 * eager, long
+        if i == 0:
+            graphs.warmed_up()
+    assert log.counts == (2, 1) and len(log.lines) == 1  # the evaluation graph came after the "warm-up" here
+    assert "model graph 2 was compiled after the warm-up" in log.lines[0]

@@ -871,6 +871,19 @@ def test_long_window_schedule():
 # torch.compile
 
 
+class CountingLog:
+    """What ModelGraphs reports to the record: its counts and any warning line."""
+
+    def __init__(self):
+        self.lines, self.counts = [], None
+
+    def line(self, text):
+        self.lines.append(text)
+
+    def compiled(self, model_graphs, recompiles_after_warmup):
+        self.counts = (model_graphs, recompiles_after_warmup)
+
+
 def packed_batch(vocab: int, T: int):
     gen = generator(11)
     tokens = torch.randint(0, vocab - 1, (T + 1,), generator=gen)
