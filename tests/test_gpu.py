@@ -34,8 +34,9 @@ def test_varlen_attention_matches_the_masked_cpu_path(window):
 
 @pytest.mark.parametrize("window", [64, 384, 2048])
 def test_varlen_custom_ops_compute_what_varlen_attn_does(window):
-    """The custom ops call the aten kernels that varlen_attn calls, with the same arguments: the same numbers bit for
-    bit, forward and gradients, eager and compiled."""
+    """The custom ops call the aten kernels that varlen_attn calls, with the same arguments: the same output and key
+    and value gradients bit for bit, eager and compiled; dq within the rounding of the atomic adds that accumulate it
+    in FlashAttention-2's backward, in no fixed order."""
     q, k, v, starts, T = packed_documents([700, 130, 1, 1500, 317])
     cu = tg.cu_seqlens_from_starts(starts, T, torch.device("cuda"))
     grad = torch.randn(T, 6, 128, generator=torch.Generator().manual_seed(5)).to("cuda", torch.bfloat16)
@@ -46,10 +47,11 @@ def test_varlen_custom_ops_compute_what_varlen_attn_does(window):
         out.backward(grad)
         return [out.detach(), *(t.grad for t in qkv)]
     want = output_and_grads(lambda *qkv: varlen_attn(*qkv, cu, cu, 2048, 2048, scale=1.0, window_size=(window, 0)))
-    ops = lambda *qkv: tg.attention(*qkv, cu, 2048, torch.tensor(window), "varlen_attn")
-    for got in (output_and_grads(ops), output_and_grads(torch.compile(ops, fullgraph=True, dynamic=False))):
-        for name, a, b in zip(("output", "dq", "dk", "dv"), got, want):
-            assert torch.equal(a, b), name
+    ops = lambda q, k, v, window: tg.attention(q, k, v, cu, 2048, window, "varlen_attn")
+    for run in (ops, torch.compile(ops, fullgraph=True, dynamic=False)):
+        out, dq, dk, dv = output_and_grads(lambda *qkv: run(*qkv, torch.tensor(window)))
+        assert torch.equal(out, want[0]) and torch.equal(dk, want[2]) and torch.equal(dv, want[3])
+        assert (dq.float() - want[1].float()).norm() < 1e-2 * want[1].float().norm()
 
 
 def skip_without_flash_attn_4():
