@@ -81,6 +81,7 @@ def generate(model: tg.GPT, cfg: tg.Config, windows, prompt: list[int], tokens: 
     """Up to `tokens` tokens after BOS + prompt, one at a time; stops before a BOS, where a new document would start."""
     device = model.lm_head.device
     ids, out = [cfg.bos_id, *prompt], []
+    windows = model.windows(*windows)
     for _ in range(tokens):
         inputs = torch.tensor(ids, dtype=torch.int32, device=device)
         cu_seqlens = tg.cu_seqlens_from_starts([0], len(ids), device)

@@ -48,7 +48,6 @@ from torch import Tensor
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
-from torch.nn.attention.varlen import varlen_attn
 
 try:
     import triton
@@ -129,7 +128,8 @@ class Config:
     lion_lr_scale: float = _arg(0.3, "Lion's lr is adam_lr x this, with Adam's per-parameter multipliers (the Lion "
                                      "paper: 3 to 10 times smaller than AdamW's, as a sign step is larger)")
     # run
-    warmup_steps: int = _arg(30, "untimed steps that compile every graph, then all state is reset")
+    warmup_steps: int = _arg(2, "untimed training steps, then a validation of one batch, before the run; then all "
+                                "state is reset. An even and an odd step compile every graph")
     val_loss_every: int = _arg(250, "steps between validations (0: only at the start and the end)")
     dense_val_every: int = _arg(0, "steps between validations over the last --dense_val_steps steps as well, to find "
                                    "the earliest step at which the loss reaches its target (0: none)")
@@ -176,7 +176,7 @@ PRESETS = {
                  train_batch_tokens=8 * 256, micro_batch_tokens=256, val_seq_tokens=512, val_tokens=16 * 512,
                  max_doc_tokens=256, window_block=16, num_scheduled_iterations=72, num_extension_iterations=8,
                  adam_lr=0.03, embed_lr_mul=20.0, momentum_warmup_steps=30, momentum_cooldown_steps=5,
-                 warmup_steps=4, val_loss_every=20),
+                 val_loss_every=20),
 }
 CHOICES = {"preset": tuple(PRESETS), "device": ("auto", "cuda", "cpu"), "compile": ("auto", "on", "off"),
            "fp8_head": ("auto", "on", "off"), "attention": ("auto", "flash-attn-4", "varlen_attn"),
@@ -512,10 +512,12 @@ def _fp8_backward(ctx, grad_out, *_):
 fp8_mm.register_autograd(_fp8_backward, setup_context=_fp8_setup_context)
 
 
-# FlashAttention-4 (the flash-attn-4 package: kernels written in Python with CuTe DSL and compiled on first use) is
-# faster than the FlashAttention-2 kernels behind varlen_attn on Hopper and Blackwell, as FlashAttention-3 was for
-# the record. Its autograd Function is invisible to torch.compile, so its forward and backward entry points of this
-# version pinned in requirements-gpu.txt are wrapped as custom ops, like the FP8 matmuls above.
+# Attention on CUDA runs through two custom ops, a forward and a backward, that call the chosen kernel: varlen_attn's
+# (the aten FlashAttention-2 ops that torch.nn.attention.varlen.varlen_attn calls, in the form torch 2.11 and 2.13
+# share) or FlashAttention-4's (the flash-attn-4 package: kernels written in Python with CuTe DSL and compiled on first
+# use, faster on Hopper and Blackwell, as FlashAttention-3 was for the record; its entry points of the version pinned
+# in requirements-gpu.txt). The ops take the window as a 0-dim integer tensor on the CPU and read it on the host: the
+# compiled model sees a tensor, whose value it does not guard on, so one graph serves every window and no GPU waits.
 FLASH_ATTN_4_ARCHS = (9, 10)  # compute capability majors of Hopper and datacenter Blackwell
 flash_attn_4 = None  # the module flash_attn.cute.interface, once loaded
 
@@ -532,55 +534,69 @@ def first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
 
 
-@torch.library.custom_op("train_gpt::fa4_attention", mutates_args=())
-def fa4_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, window: int) -> tuple[Tensor, Tensor]:
-    """attention() by FlashAttention-4: the output and the log-sum-exp of each row (heads, T) for the backward."""
-    out, lse = flash_attn_4._flash_attn_fwd(
-        q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
-        softmax_scale=1.0, window_size_left=window, window_size_right=0, return_lse=True)[:2]
+@torch.library.custom_op("train_gpt::flash_attention", mutates_args=())
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, window: Tensor,
+                    kernel: str) -> tuple[Tensor, Tensor]:
+    """attention() by `kernel`: the output and the log-sum-exp of each row (heads, T) for the backward."""
+    left = int(window)
+    if kernel == "flash-attn-4":
+        return tuple(flash_attn_4._flash_attn_fwd(
+            q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
+            softmax_scale=1.0, window_size_left=left, window_size_right=0, return_lse=True)[:2])
+    out, lse = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, False, return_debug_mask=False, scale=1.0,
+        window_size_left=left, window_size_right=0)[:2]
     return out, lse
 
 
-@fa4_attention.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, window):
+@flash_attention.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, window, kernel):
     return torch.empty_like(q), q.new_empty((q.size(1), q.size(0)), dtype=torch.float32)
 
 
-@torch.library.custom_op("train_gpt::fa4_attention_backward", mutates_args=())
-def fa4_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor,
-                           max_seqlen: int, window: int) -> tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = flash_attn_4._flash_attn_bwd(
-        q, k, v, out, grad.contiguous(), lse, softmax_scale=1.0, window_size_left=window, window_size_right=0,
-        cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)[:3]
+@torch.library.custom_op("train_gpt::flash_attention_backward", mutates_args=())
+def flash_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor,
+                             max_seqlen: int, window: Tensor, kernel: str) -> tuple[Tensor, Tensor, Tensor]:
+    left = int(window)
+    if kernel == "flash-attn-4":
+        return tuple(flash_attn_4._flash_attn_bwd(
+            q, k, v, out, grad.contiguous(), lse, softmax_scale=1.0, window_size_left=left, window_size_right=0,
+            cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)[:3])
+    # without dropout the kernel reads no random state: these stand for it, as varlen_attn passes them
+    seed, offset = torch.zeros(2, dtype=torch.uint64, device=q.device), torch.empty(0, device=q.device)
+    dq, dk, dv = torch.ops.aten._flash_attention_backward(
+        grad, q, k, v, out, lse, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, False, seed, offset, scale=1.0,
+        window_size_left=left, window_size_right=0)
     return dq, dk, dv
 
 
-@fa4_attention_backward.register_fake
-def _(grad, q, k, v, out, lse, cu_seqlens, max_seqlen, window):
+@flash_attention_backward.register_fake
+def _(grad, q, k, v, out, lse, cu_seqlens, max_seqlen, window, kernel):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _fa4_setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, ctx.max_seqlen, ctx.window = inputs
-    ctx.save_for_backward(q, k, v, *output, cu_seqlens)
+def _flash_attention_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, ctx.max_seqlen, window, ctx.kernel = inputs
+    ctx.save_for_backward(q, k, v, *output, cu_seqlens, window)
 
 
-def _fa4_backward(ctx, grad_out, _grad_lse):
-    return *fa4_attention_backward(grad_out, *ctx.saved_tensors, ctx.max_seqlen, ctx.window), None, None, None
+def _flash_attention_backward(ctx, grad_out, _grad_lse):
+    *saved, window = ctx.saved_tensors
+    grads = flash_attention_backward(grad_out, *saved, ctx.max_seqlen, window, ctx.kernel)
+    return *grads, None, None, None, None
 
 
-fa4_attention.register_autograd(_fa4_backward, setup_context=_fa4_setup_context)
+flash_attention.register_autograd(_flash_attention_backward, setup_context=_flash_attention_setup_context)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, window: int,
+def attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, window: Tensor,
               kernel: str = "varlen_attn") -> Tensor:
     """Causal attention within documents, each query seeing at most `window` earlier tokens; (T, heads, dim).
-    The caller folds the softmax scale into q. On CUDA `kernel` picks flash-attn-4 or varlen_attn; on the CPU a
-    masked SDPA serves as both, and as their reference."""
-    if kernel == "flash-attn-4":
-        return fa4_attention(q, k, v, cu_seqlens, max_seqlen, window)[0]
-    if q.is_cuda:
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=1.0, window_size=(window, 0))
+    The caller folds the softmax scale into q. `window` is a 0-dim integer tensor on the CPU (GPT.windows makes it).
+    On CUDA `kernel` picks flash-attn-4 or varlen_attn; on the CPU a masked SDPA serves as both, and as their
+    reference, with its mask built from the window tensor, which keeps the compiled graph free of its value too."""
+    if q.is_cuda or kernel == "flash-attn-4":
+        return flash_attention(q, k, v, cu_seqlens, max_seqlen, window, kernel)[0]
     assert int(cu_seqlens.diff().max()) <= max_seqlen, "max_seqlen is below the longest document (CUDA would skip rows)"
     pos = torch.arange(q.size(0), device=q.device)
     doc = torch.searchsorted(cu_seqlens[1:].to(pos.dtype), pos, right=True)
@@ -606,7 +622,7 @@ def attention_mismatch(kernel: str, device, heads: int, head_dim: int) -> str | 
         for name in (kernel, "varlen_attn"):
             qkv = [t.detach().requires_grad_() for t in (q, k, v)]
             try:
-                out = attention(*qkv, cu_seqlens, max(lengths), window, name)
+                out = attention(*qkv, cu_seqlens, max(lengths), torch.tensor(window), name)
                 out.backward(grad)
             except Exception as e:  # a kernel that fails to compile or launch is a mismatch, not a crash
                 return f"{name} raised {first_line(e)}"
@@ -1002,7 +1018,7 @@ class Attention(nn.Module):
         self.gate = nn.Parameter(torch.zeros(num_heads, GATE_INPUTS, dtype=torch.bfloat16))
         self.kernel = "varlen_attn"  # set by GPT.use_attention
 
-    def forward(self, x, ve, v_lambdas, rotary: Rotary, cu_seqlens, max_seqlen: int, window: int):
+    def forward(self, x, ve, v_lambdas, rotary: Rotary, cu_seqlens, max_seqlen: int, window: Tensor):
         T, dim = x.shape
         w = self.qkvo.type_as(x).view(4, dim, dim)
         q, k, v = F.linear(x, w[:3].flatten(0, 1)).view(T, 3, self.num_heads, self.head_dim).unbind(1)
@@ -1059,7 +1075,14 @@ class GPT(nn.Module):
             if block.attn is not None:
                 block.attn.kernel = kernel
 
-    def forward(self, inputs: Tensor, targets: Tensor | None, cu_seqlens: Tensor, max_seqlen: int, short_window: int, long_window: int):
+    def windows(self, short: int, long: int) -> tuple[Tensor, Tensor]:
+        """forward's short_window and long_window for windows of `short` and `long` blocks: tokens, in 0-dim integer
+        tensors on the CPU. The compiled graph takes tensors as inputs and guards on no value of theirs, so one graph
+        serves every window of the schedule; the attention kernels read the values on the host."""
+        return tuple(torch.tensor(blocks * self.rotary.window_block) for blocks in (short, long))
+
+    def forward(self, inputs: Tensor, targets: Tensor | None, cu_seqlens: Tensor, max_seqlen: int, short_window: Tensor,
+                long_window: Tensor):
         L = NUM_LAYERS
         s = self.scalars
         skip_weights, lambdas, v_lambdas = s[:L], s[L:3 * L].view(L, 2), s[3 * L:5 * L].view(L, 2)
@@ -1073,7 +1096,7 @@ class GPT(nn.Module):
         for i in MLP_LAYERS:
             if i in SKIP_POP_LAYERS:
                 x = x + torch.sigmoid(skip_weights[i]) * skips.pop()
-            window = (long_window if i in LONG_WINDOW_LAYERS else short_window) * self.rotary.window_block
+            window = long_window if i in LONG_WINDOW_LAYERS else short_window
             ve = value_embeds[VALUE_EMBED_OF_LAYER[i]] if i in VALUE_EMBED_OF_LAYER else None
             x = self.blocks[str(i)](x, x0, lambdas[i], ve, v_lambdas[i], self.rotary, cu_seqlens, max_seqlen, window)
             if i in SKIP_PUSH_LAYERS:
@@ -1442,8 +1465,10 @@ class LossCheck:
 
 def train_step(cfg: Config, model, optimizers, batches: TrainBatches, grad_accum: int, step: int, windows) -> Tensor:
     """Forward and backward over the micro-batches, then the optimizers: even steps update the NorMuon matrices only,
-    odd steps update everything, so Adam's parameters accumulate two steps of gradient."""
+    odd steps update everything, so Adam's parameters accumulate two steps of gradient. `windows`: (short, long)
+    in blocks."""
     total = 0
+    windows = model.windows(*windows)
     for _ in range(grad_accum):
         inputs, targets, cu_seqlens, max_seqlen = batches.next()
         loss = model(inputs, targets, cu_seqlens, max_seqlen, *windows) / grad_accum
@@ -1461,9 +1486,11 @@ def train_step(cfg: Config, model, optimizers, batches: TrainBatches, grad_accum
 
 @torch.no_grad()
 def evaluate(model, batches: list, windows, device) -> float:
-    """Mean loss over all ranks' chunks (a rank may hold one chunk fewer than another)."""
+    """Mean loss over all ranks' chunks (a rank may hold one chunk fewer than another), at `windows` (short, long) in
+    blocks."""
     model.eval()
     total = torch.zeros((), device=device)
+    windows = model.windows(*windows)
     for inputs, targets, cu_seqlens, max_seqlen in batches:
         total += model(inputs, targets, cu_seqlens, max_seqlen, *windows)
     model.train()
@@ -1566,6 +1593,53 @@ def training_flops_per_token(cfg: Config, short_window: int, long_window: int) -
 
 def compiles(cfg: Config, device) -> bool:
     return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+
+
+class ModelGraphs:
+    """torch.compile's backend for the model: inductor's compile_fx, as by default, counting the graphs dynamo hands it.
+    The warm-up compiles all of them. A graph compiled after it (a recompile, which the timed run pays for) is reported
+    in one warning line with dynamo's reason when it first runs, as dynamo has recorded the reason by then. The counts
+    go in the record's "compile"."""
+
+    def __init__(self, log: "RunLog"):
+        self.log, self.graphs, self.late = log, 0, None  # late: graphs compiled after the warm-up, None during it
+        self._report()
+
+    def warmed_up(self):
+        self.late = 0
+        self._report()
+
+    def __call__(self, graph: torch.fx.GraphModule, example_inputs):
+        from torch._inductor.compile_fx import compile_fx  # loaded only where something compiles
+        self.graphs += 1
+        compiled = compile_fx(graph, example_inputs)
+        if self.late is not None:
+            self.late += 1
+            compile_id = str(torch._guards.CompileContext.current_compile_id())
+            compiled = self._warn_on_first_run(compiled, self.graphs, compile_id)
+        self._report()
+        return compiled
+
+    def _warn_on_first_run(self, compiled, number: int, compile_id: str):
+        pending = [compile_id]
+
+        @functools.wraps(compiled)
+        def run(*args):
+            if pending:
+                self.log.line(f"warning: model graph {number} was compiled after the warm-up, in the timed run; "
+                              f"dynamo's reason: {recompile_reason(pending.pop())}")
+            return compiled(*args)
+        return run
+
+    def _report(self):
+        self.log.compiled(self.graphs, self.late or 0)
+
+
+def recompile_reason(compile_id: str) -> str:
+    """The first line of dynamo's reason for compiling `compile_id` again, from its compilation metrics."""
+    reasons = [m.recompile_reason for m in torch._dynamo.utils.get_compilation_metrics() if m.compile_id == compile_id]
+    reason = reasons[-1] if reasons else None
+    return reason.strip().splitlines()[0] if reason else "none, it is the model's first compile"
 
 
 def persist_compiled_kernels(cfg: Config):
@@ -1728,32 +1802,35 @@ def train(cfg: Config, device, rank: int, world: int, inputs: Inputs, log: "RunL
         dist.broadcast(p.detach(), 0)
     startup["model_s"] = time.perf_counter() - started - startup["data_s"]
     raw_model.fp8_head = fp8_head_enabled(cfg, device)
-    model = torch.compile(raw_model, dynamic=False, fullgraph=True) if compiles(cfg, device) else raw_model
+    graphs = ModelGraphs(log)
+    model = torch.compile(raw_model, backend=graphs, dynamic=False, fullgraph=True) if compiles(cfg, device) else raw_model
     raw_model.use_attention(attention.kernel)
     if attention.note:
         log.line(attention.note)
     log.kernels(lm_head="fp8" if raw_model.fp8_head else "bf16" if device.type == "cuda" else "fp32",
                 attention=f"{attention.kernel} {attention.version}" if attention.version else attention.kernel,
                 torch_compile="on" if model is not raw_model else "off")
-    torch._dynamo.config.recompile_limit = 64  # one graph per window pair and mode
     initial_state = {k: v.clone() for k, v in raw_model.state_dict().items()}
     check = LossCheck(device)
 
-    # Warm-up: compile the training graph of every window size and both kinds of step, then undo it all.
+    # Warm-up: an even and an odd step compile the training graph and, on CUDA, every optimizer step; a validation of
+    # one batch compiles the evaluation graph. Every window shares them. Then it is all undone.
     optimizers = make_optimizers(cfg, raw_model)
     if cfg.warmup_steps:
-        sizes = sorted(set(cfg.window_schedule) | {cfg.window_extension})
         with explain_out_of_memory(cfg, world, training=True):
             for step in range(cfg.warmup_steps):
-                size = sizes[step % len(sizes)]
-                check.push(f"warm-up step {step + 1}", train_step(cfg, model, optimizers, batches, grad_accum, step, (size // 2, size)))
+                windows = (long_window(cfg, step) // 2, long_window(cfg, step))
+                check.push(f"warm-up step {step + 1}", train_step(cfg, model, optimizers, batches, grad_accum, step, windows))
             check.check()
+        with explain_out_of_memory(cfg, world, training=False):
+            evaluate(model, val_data[:1], windows, device)
         check = LossCheck(device)  # step lines show training losses, not the warm-up's
         raw_model.zero_grad(set_to_none=True)
         raw_model.load_state_dict(initial_state)
         batches.reset()
         optimizers = make_optimizers(cfg, raw_model)
     del initial_state
+    graphs.warmed_up()
 
     start, train_ms = 0, 0.0
     if resume is not None:
@@ -2127,12 +2204,13 @@ def hellaswag_accuracy(model: "GPT", examples: list[dict], bos_id: int, windows,
     was_training = model.training
     model.eval()
     right = 0
+    model_windows = model.windows(*windows)
     for group in groups:
         docs = [[bos_id, *ex["context"], *ending] for ex in group for ending in ex["endings"]]
         lengths = [len(doc) for doc in docs]
         starts = np.cumsum([0] + lengths[:-1]).tolist()
         flat = torch.tensor(list(itertools.chain(*docs)), dtype=torch.int32, device=device)
-        logits = model(flat, None, cu_seqlens_from_starts(starts, len(flat), device), max(lengths), *windows)
+        logits = model(flat, None, cu_seqlens_from_starts(starts, len(flat), device), max(lengths), *model_windows)
         # an ending's tokens are the last len(ending) of its document, each predicted at the position before it
         ending_lengths = [len(ending) for ex in group for ending in ex["endings"]]
         targets = torch.tensor([start + length - n + i for start, length, n in zip(starts, lengths, ending_lengths)
@@ -2327,9 +2405,9 @@ class RunLog:
         self.record = {"format": "train_gpt-record/1", "run_id": run_id, "status": "running",
                        "started_utc": started.strftime("%Y-%m-%dT%H:%M:%SZ"), "log_file": self.txt_path.name,
                        "config": dataclasses.asdict(cfg), "env": env, "num_steps": cfg.num_iterations, "steps_done": 0,
-                       "startup_s": None, "startup": None, "val": [], "final_val_loss": None, "train_time_ms": None,
-                       "step_avg_ms": None, "tokens_per_s": None, "mfu": None, "peak_memory_allocated_mib": None,
-                       "peak_memory_reserved_mib": None, "error": None}
+                       "startup_s": None, "startup": None, "compile": None, "val": [], "final_val_loss": None,
+                       "train_time_ms": None, "step_avg_ms": None, "tokens_per_s": None, "mfu": None,
+                       "peak_memory_allocated_mib": None, "peak_memory_reserved_mib": None, "error": None}
         self.file = open(self.txt_path, "w")
         print(f"record: {self.txt_path}", flush=True)
         self.file.write(Path(__file__).read_text() + "\n" + SEPARATOR + "\n")
@@ -2368,6 +2446,11 @@ class RunLog:
         self.line("kernels: " + ", ".join(f"{name} {value}" for name, value in chosen.items()))
         if self.enabled:
             self.record["env"].update(chosen)
+
+    def compiled(self, model_graphs: int, recompiles_after_warmup: int):
+        """How many graphs torch.compile made of the model, and how many of them after the warm-up."""
+        if self.enabled:
+            self.record["compile"] = {"model_graphs": model_graphs, "recompiles_after_warmup": recompiles_after_warmup}
 
     def startup(self, parts: dict):
         seconds = sum(parts.values())

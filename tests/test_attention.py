@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from test_numerics import CountingLog
 
 CUDA = torch.device("cuda", 0)  # a device object only: nothing here touches a GPU
 CPU = torch.device("cpu")
@@ -84,6 +85,7 @@ def output_and_grads(fn, q, k, v, grad):
 @pytest.mark.parametrize("window", [0, 3, 40])
 def test_flash_attn_4_ops_match_the_masked_attention(stand_in, window):
     q, k, v, grad, cu = documents([30, 1, 17, 12])
+    window = torch.tensor(window)
     got = output_and_grads(lambda *qkv: tg.attention(*qkv, cu, 32, window, "flash-attn-4"), q, k, v, grad)
     want = output_and_grads(lambda *qkv: tg.attention(*qkv, cu, 32, window), q, k, v, grad)
     for name, a, b in zip(("output", "dq", "dk", "dv"), got, want):
@@ -93,18 +95,62 @@ def test_flash_attn_4_ops_match_the_masked_attention(stand_in, window):
 def test_flash_attn_4_ops_compile_with_fake_shapes_and_autograd(stand_in):
     """torch.compile traces the custom ops by their fake implementations; the compiled gradients are the eager ones."""
     q, k, v, grad, cu = documents([25, 39])
-    eager = output_and_grads(lambda *qkv: tg.attention(*qkv, cu, 64, 9, "flash-attn-4"), q, k, v, grad)
+    window = torch.tensor(9)
+    eager = output_and_grads(lambda *qkv: tg.attention(*qkv, cu, 64, window, "flash-attn-4"), q, k, v, grad)
     torch._dynamo.reset()
     try:
-        compiled = torch.compile(lambda *qkv: tg.attention(*qkv, cu, 64, 9, "flash-attn-4").sin(), fullgraph=True,
+        compiled = torch.compile(lambda *qkv: tg.attention(*qkv, cu, 64, window, "flash-attn-4").sin(), fullgraph=True,
                                  dynamic=False, backend="aot_eager")
         got = output_and_grads(compiled, q, k, v, grad)
     finally:
         torch._dynamo.reset()
-    want = output_and_grads(lambda *qkv: tg.attention(*qkv, cu, 64, 9, "flash-attn-4").sin(), q, k, v, grad)
+    want = output_and_grads(lambda *qkv: tg.attention(*qkv, cu, 64, window, "flash-attn-4").sin(), q, k, v, grad)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(want[0], eager[0].sin())
+
+
+def test_the_compiled_masked_path_makes_one_graph_for_every_window():
+    """Compiled by inductor as the model is, the CPU's attention builds its mask from the window tensor: one graph
+    serves every window, each with the eager output within float32 rounding; the check that max_seqlen covers every
+    document still runs; and a graph made after the warm-up (here for a shorter input) is reported with dynamo's
+    reason."""
+    q, k, v, _, cu = documents([30, 1, 17, 12])
+    log = CountingLog()
+    graphs = tg.ModelGraphs(log)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(lambda q, k, v, cu, window: tg.attention(q, k, v, cu, 32, window), backend=graphs,
+                                 fullgraph=True, dynamic=False)
+        for window in (3, 7, 40):
+            got = compiled(q, k, v, cu, torch.tensor(window))
+            torch.testing.assert_close(got, tg.attention(q, k, v, cu, 32, torch.tensor(window)), rtol=1e-6, atol=1e-6)
+            graphs.warmed_up()
+        assert log.counts == (1, 0) and not log.lines
+        with pytest.raises(RuntimeError, match="<= 32"):  # a 40-token document
+            compiled(q, k, v, torch.tensor([0, 40, 41, 58, 60], dtype=torch.int32), torch.tensor(3))
+        compiled(q[:50], k[:50], v[:50], torch.tensor([0, 30, 31, 48, 50], dtype=torch.int32), torch.tensor(3))
+    finally:
+        torch._dynamo.reset()
+    assert log.counts == (2, 1)
+    (line,) = log.lines
+    assert re.fullmatch(r"warning: model graph 2 was compiled after the warm-up, in the timed run; dynamo's reason: "
+                        r"0/0: tensor '[qkv]' size mismatch at index 0\. expected 60, actual 50", line), line
+
+
+def test_the_varlen_ops_call_the_aten_kernels_as_their_schemas_take_them():
+    """On meta tensors the aten FlashAttention ops check their arguments against their schemas and return shapes
+    without a GPU: the custom ops' calls fit (positional and keyword arguments both: the ones torch 2.11 and 2.13
+    share), and give what the fake implementations promise the compiler."""
+    meta = torch.device("meta")
+    T, heads, dim = 60, 2, 16
+    q, k, v, grad = (torch.empty(T, heads, dim, device=meta, dtype=torch.bfloat16) for _ in range(4))
+    cu = torch.empty(5, dtype=torch.int32, device=meta)
+    out, lse = tg.flash_attention(q, k, v, cu, 32, torch.tensor(3), "varlen_attn")
+    assert (out.shape, out.dtype, lse.shape, lse.dtype) == (q.shape, q.dtype, (heads, T), torch.float32)
+    for got, like in zip(tg.flash_attention_backward(grad, q, k, v, out, lse, cu, 32, torch.tensor(3), "varlen_attn"),
+                         (q, k, v)):
+        assert (got.shape, got.dtype) == (like.shape, like.dtype)
 
 
 def test_the_model_runs_the_kernel_it_is_given(stand_in):
@@ -120,7 +166,7 @@ def test_the_model_runs_the_kernel_it_is_given(stand_in):
     def loss_and_grads(kernel):
         model.use_attention(kernel)
         model.zero_grad()
-        loss = model(tokens[:-1], tokens[1:], cu, 128, 1, 3)
+        loss = model(tokens[:-1], tokens[1:], cu, 128, *model.windows(1, 3))
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 

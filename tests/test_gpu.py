@@ -2,10 +2,11 @@
 compiled Polar Express and optimizer steps, and a compiled training step. Runs only where a CUDA GPU is visible."""
 import pytest
 import torch
+from torch.nn.attention.varlen import varlen_attn
 
 import train_gpt as tg
 from test_numerics import (ADAM_BETAS, ADAM_EPS, ADAM_GROUP_LRS, ADAM_GROUP_WD, BETA2, LR, NORMUON_TOLERANCE,
-                           POLAR_TOLERANCE, STEPS, WEIGHT_DECAY, adam_group_case, adam_group_optimizer,
+                           POLAR_TOLERANCE, STEPS, WEIGHT_DECAY, CountingLog, adam_group_case, adam_group_optimizer,
                            adam_group_reference, graphs_after_each_step, graphs_made, make_muon_params,
                            normuon_update_errors, polar_reference, relative_error, run_adam_group, set_grads)
 from test_numerics import process_group  # noqa: F401 (a fixture, requested by name)
@@ -24,11 +25,34 @@ def packed_documents(lengths, heads=6, dim=128, seed=0):
 @pytest.mark.parametrize("window", [64, 384, 2048])
 def test_varlen_attention_matches_the_masked_cpu_path(window):
     q, k, v, starts, T = packed_documents([700, 130, 1, 1500, 317])
+    window = torch.tensor(window)
     cpu = tg.attention(q, k, v, tg.cu_seqlens_from_starts(starts, T, torch.device("cpu")), 2048, window)
     cuda = torch.device("cuda")
     cu = tg.cu_seqlens_from_starts(starts, T, cuda)
     got = tg.attention(*(t.to(cuda, torch.bfloat16) for t in (q, k, v)), cu, 2048, window)
     assert (got.float().cpu() - cpu).abs().max() < 3e-2
+
+
+@pytest.mark.parametrize("window", [64, 384, 2048])
+def test_varlen_custom_ops_compute_what_varlen_attn_does(window):
+    """The custom ops call the aten kernels that varlen_attn calls, with the same arguments: the same output and key
+    and value gradients bit for bit, eager and compiled; dq within the rounding of the atomic adds that accumulate it
+    in FlashAttention-2's backward, in no fixed order."""
+    q, k, v, starts, T = packed_documents([700, 130, 1, 1500, 317])
+    cu = tg.cu_seqlens_from_starts(starts, T, torch.device("cuda"))
+    grad = torch.randn(T, 6, 128, generator=torch.Generator().manual_seed(5)).to("cuda", torch.bfloat16)
+
+    def output_and_grads(fn):
+        qkv = [t.to("cuda", torch.bfloat16).requires_grad_() for t in (q, k, v)]
+        out = fn(*qkv)
+        out.backward(grad)
+        return [out.detach(), *(t.grad for t in qkv)]
+    want = output_and_grads(lambda *qkv: varlen_attn(*qkv, cu, cu, 2048, 2048, scale=1.0, window_size=(window, 0)))
+    ops = lambda q, k, v, window: tg.attention(q, k, v, cu, 2048, window, "varlen_attn")
+    for run in (ops, torch.compile(ops, fullgraph=True, dynamic=False)):
+        out, dq, dk, dv = output_and_grads(lambda *qkv: run(*qkv, torch.tensor(window)))
+        assert torch.equal(out, want[0]) and torch.equal(dk, want[2]) and torch.equal(dv, want[3])
+        assert (dq.float() - want[1].float()).norm() < 1e-2 * want[1].float().norm()
 
 
 def skip_without_flash_attn_4():
@@ -45,6 +69,7 @@ def test_flash_attn_4_matches_the_masked_cpu_path(window):
     skip_without_flash_attn_4()
     q, k, v, starts, T = packed_documents([700, 130, 1, 1500, 317])
     cpu_qkv = [t.clone().requires_grad_() for t in (q, k, v)]
+    window = torch.tensor(window)
     cpu = tg.attention(*cpu_qkv, tg.cu_seqlens_from_starts(starts, T, torch.device("cpu")), 2048, window)
     grad = torch.randn_like(cpu)
     cpu.backward(grad)
@@ -231,8 +256,8 @@ def test_compiled_tiny_model_matches_eager_on_the_gpu():
     tokens[[0, 300, 700]] = cfg.bos_id
     inputs, targets = tokens[:-1].int().cuda(), tokens[1:].long().cuda()
     cu = tg.cu_seqlens_from_starts([0, 300, 700], 1024, torch.device("cuda"))
-    eager = model(inputs, targets, cu, 512, 3, 7)
-    compiled = torch.compile(model, dynamic=False, fullgraph=True)(inputs, targets, cu, 512, 3, 7)
+    eager = model(inputs, targets, cu, 512, *model.windows(3, 7))
+    compiled = torch.compile(model, dynamic=False, fullgraph=True)(inputs, targets, cu, 512, *model.windows(3, 7))
     assert abs(eager.item() - compiled.item()) < 1e-2 * abs(eager.item())
 
 
@@ -270,7 +295,7 @@ def test_compiled_tiny_model_with_the_fp8_head_trains_like_eager():
     losses = []
     for run in (model, torch.compile(model, dynamic=False, fullgraph=True)):
         model.zero_grad(set_to_none=True)
-        loss = run(inputs, targets, cu, 512, 3, 7)
+        loss = run(inputs, targets, cu, 512, *model.windows(3, 7))
         loss.backward()
         losses.append((loss.item(), model.lm_head.grad.float().norm().item()))
     (eager_loss, eager_grad), (compiled_loss, compiled_grad) = losses
@@ -289,25 +314,60 @@ def test_this_gpu_passes_the_checks_and_gets_the_head_its_capability_allows():
     assert 7.0e8 < flops < 7.1e8
 
 
-def test_compiled_model_with_flash_attn_4_trains_like_eager_varlen_attn():
-    skip_without_flash_attn_4()
+def random_tiny_model_and_batch(seed: int):
+    """The tiny preset's model on the GPU with random weights (its zero-initialised output matrices would hide the
+    attention), and a batch of three documents."""
     cfg = tg.parse_config(["--preset=tiny"])
     torch.manual_seed(0)
     model = tg.GPT(cfg, 1024, 1).cuda()
     with torch.no_grad():
-        for p in model.parameters():  # zero-initialised output matrices would hide the attention
+        for p in model.parameters():
             p.normal_(0, 0.05)
-    tokens = torch.randint(0, cfg.vocab_size - 1, (1025,), generator=torch.Generator().manual_seed(4))
+    tokens = torch.randint(0, cfg.vocab_size - 1, (1025,), generator=torch.Generator().manual_seed(seed))
     tokens[[0, 300, 700]] = cfg.bos_id
-    inputs, targets = tokens[:-1].int().cuda(), tokens[1:].long().cuda()
     cu = tg.cu_seqlens_from_starts([0, 300, 700], 1024, torch.device("cuda"))
+    return model, tokens[:-1].int().cuda(), tokens[1:].long().cuda(), cu
+
+
+def test_compiled_model_with_flash_attn_4_trains_like_eager_varlen_attn():
+    skip_without_flash_attn_4()
+    model, inputs, targets, cu = random_tiny_model_and_batch(4)
     results = []
     for kernel, run in (("varlen_attn", model), ("flash-attn-4", torch.compile(model, dynamic=False, fullgraph=True))):
         model.use_attention(kernel)
         model.zero_grad(set_to_none=True)
-        loss = run(inputs, targets, cu, 512, 3, 7)
+        loss = run(inputs, targets, cu, 512, *model.windows(3, 7))
         loss.backward()
         results.append((loss.item(), model.blocks["1"].attn.qkvo.grad.float()))
     (eager_loss, eager_grad), (compiled_loss, compiled_grad) = results
     assert abs(eager_loss - compiled_loss) < 1e-2 * eager_loss
     assert (compiled_grad - eager_grad).norm() < 5e-2 * eager_grad.norm()
+
+
+@pytest.mark.parametrize("kernel", ["varlen_attn", "flash-attn-4"])
+def test_one_training_graph_and_one_evaluation_graph_serve_every_window_on_cuda(kernel):
+    """The tiny model compiled as the trainer compiles it, trained at each window of the record's schedule and
+    evaluated at the final validation's: two graphs in all, and the compiled losses are the eager ones."""
+    if kernel == "flash-attn-4":
+        skip_without_flash_attn_4()
+    model, inputs, targets, cu = random_tiny_model_and_batch(6)
+    model.use_attention(kernel)
+    log = CountingLog()
+    graphs = tg.ModelGraphs(log)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=graphs, dynamic=False, fullgraph=True)
+    for i, long in enumerate((3, 7, 11, 13, 20)):
+        training = long != 20
+        model.train(training)
+        for run in (model, compiled):
+            with torch.set_grad_enabled(training):
+                loss = run(inputs, targets, cu, 512, *model.windows(long // 2, long))
+            if training:
+                loss.backward()
+            if run is model:
+                eager = loss.item()
+        assert abs(loss.item() - eager) < 1e-2 * eager, long
+        if i == 0:
+            graphs.warmed_up()
+    assert log.counts == (2, 1) and len(log.lines) == 1  # the evaluation graph came after the "warm-up" here
+    assert "model graph 2 was compiled after the warm-up" in log.lines[0]

@@ -63,7 +63,7 @@ def counted_flops_per_token(cfg, T):
     tokens[0] = cfg.bos_id
     cu_seqlens = tg.cu_seqlens_from_starts([0], T, torch.device("cpu"))
     with FlopCounterMode(display=False) as counter:
-        model(tokens[:-1].int(), tokens[1:].long(), cu_seqlens, T, 64, 64).backward()
+        model(tokens[:-1].int(), tokens[1:].long(), cu_seqlens, T, *model.windows(64, 64)).backward()
     return counter.get_total_flops() / T
 
 

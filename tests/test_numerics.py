@@ -871,6 +871,19 @@ def test_long_window_schedule():
 # torch.compile
 
 
+class CountingLog:
+    """What ModelGraphs reports to the record: its counts and any warning line."""
+
+    def __init__(self):
+        self.lines, self.counts = [], None
+
+    def line(self, text):
+        self.lines.append(text)
+
+    def compiled(self, model_graphs, recompiles_after_warmup):
+        self.counts = (model_graphs, recompiles_after_warmup)
+
+
 def packed_batch(vocab: int, T: int):
     gen = generator(11)
     tokens = torch.randint(0, vocab - 1, (T + 1,), generator=gen)
@@ -884,7 +897,7 @@ def packed_batch(vocab: int, T: int):
 def loss_and_grads(run, model, batch, T: int):
     """Loss and parameter gradients of `run` (the model itself or its compiled form)."""
     model.zero_grad(set_to_none=True)
-    loss = run(*batch, T, 1, 3)
+    loss = run(*batch, T, *model.windows(1, 3))
     loss.backward()
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 

@@ -44,7 +44,7 @@ def test_greedy_continuations_take_the_likeliest_token_each_time(checkpoint, cap
     ids = [cfg.bos_id, 5, 17, 230]
     for token in continuation:  # each one the argmax of the model's logits after the tokens before it
         logits = model(torch.tensor(ids, dtype=torch.int32), None, tg.cu_seqlens_from_starts([0], len(ids), CPU),
-                       len(ids), *tg.final_windows(cfg, 8))
+                       len(ids), *model.windows(*tg.final_windows(cfg, 8)))
         assert token == int(logits[-1, :cfg.vocab_size].argmax()) != cfg.bos_id
         ids.append(token)
     assert sample_lines(capsys, checkpoint / "step_000008", "--prompt", "5 17 230", "--temperature", "0",

@@ -535,3 +535,17 @@ def test_world_sizes_2_and_8_match_one_process_with_accumulation(shards, tmp_pat
         differences = relative_differences(single, state)
         assert max(differences.values()) < 0.15, sorted(differences.items(), key=lambda kv: -kv[1])[:3]
         assert torch.equal(state["scalars"][62:], torch.ones(state["scalars"].numel() - 62))  # padding untouched
+
+
+def test_the_whole_schedule_compiles_one_training_and_one_evaluation_graph(tiny_run):  # once per --compile mode
+    """The tiny preset trains at every window of its schedule (3, 7 and 11 blocks, then the extension's 13) and
+    validates at four of them and at the final 20: compiled, that is one training graph and one evaluation graph,
+    both made in the warm-up, and the record says so."""
+    record = json.loads(tiny_run.record.read_text())
+    graphs = 2 if tiny_run.mode == "on" else 0
+    config = record["config"]
+    assert (config["window_schedule"], config["window_extension"], config["window_final_val"]) == ([3, 7, 11], 13, 20)
+    assert config["compile"] == tiny_run.mode and record["steps_done"] == 80
+    assert [v["step"] for v in record["val"]] == [0, 20, 40, 60, 80]
+    assert record["compile"] == {"model_graphs": graphs, "recompiles_after_warmup": 0}
+    assert "warning" not in tiny_run.record.with_suffix(".txt").read_text().split(tg.SEPARATOR)[-1]
