@@ -44,14 +44,17 @@ def torch_config(module) -> dict:
     return {**module.get_config_copy(), "(hidden settings)": hidden}
 
 
-def global_state() -> dict[str, dict]:
+def global_state(new_modules=frozenset()) -> dict[str, dict]:
+    """The state; warnings filters of categories that new_modules define are left out: a module's import adds them
+    for good (pkg_resources does), whichever test first imports it."""
     log_state = torch._logging._internal.log_state
     state = {
         "environment variable": {k: v for k, v in os.environ.items() if k not in OWN_VARIABLES},
         "signal handler": {name: signal.getsignal(s) for name, s in SIGNALS.items()},
         "torch logging (torch._logging.set_logs)": {"levels": dict(log_state.log_qname_to_level),
                                                      "artifacts": sorted(log_state.artifact_names)},
-        "warnings filter": {repr(f): "set" for f in warnings.filters},
+        "warnings filter": {repr(f): "set" for f in warnings.filters
+                            if getattr(f[2], "__module__", None) not in new_modules},
         "default process group": {"initialized": dist.is_initialized()},
     }
     for module in TORCH_CONFIGS:
@@ -87,9 +90,9 @@ def restore(before: dict[str, dict], filters: list):
 
 @pytest.fixture(autouse=True)
 def leaves_global_state_as_it_found_it(request):
-    before, filters = global_state(), list(warnings.filters)
+    before, filters, modules = global_state(), list(warnings.filters), set(sys.modules)
     yield
-    changed = changes(before, global_state())
+    changed = changes(before, global_state(sys.modules.keys() - modules))
     if changed:
         restore(before, filters)
         pytest.fail(f"{request.node.nodeid} left global state changed:\n  " + "\n  ".join(changed), pytrace=False)
