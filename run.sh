@@ -4,17 +4,23 @@
 # synthetic shards on the CPU (a record preset is refused there). Extra arguments go to train_gpt.py, e.g.
 # ./run.sh --preset=record42
 # --runs=N: N runs one after another with seeds 0 .. N-1 (a baseline for records/compare.py record).
+# --ab="FLAGS" --runs=N: an A/B comparison, N pairs of runs alternating baseline and candidate (the arguments plus
+# FLAGS), seed by seed, into <log_dir>/a and <log_dir>/b, then the diff of b against a; run again, it goes on with the
+# runs still missing.
 # Several nodes: set NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT on each, as for torchrun.
 set -euo pipefail
 cd "$(dirname "$0")"
 . ./env.sh
 
 runs=1
+ab=()  # the --ab FLAGS, when given
 args=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --runs=*) runs="${1#--runs=}" ;;
         --runs) runs="${2-}"; [ $# -gt 1 ] && shift ;;
+        --ab=*) ab=("${1#--ab=}") ;;
+        --ab) ab=("${2-}"); [ $# -gt 1 ] && shift ;;
         *) args+=("$1") ;;
     esac
     shift
@@ -24,8 +30,12 @@ if ! [[ "$runs" =~ ^[1-9][0-9]*$ ]]; then
     exit 2
 fi
 
-# each_seed COMMAND...: the command with the arguments, once, or once per seed with --runs
+# each_seed COMMAND...: the command with the arguments, once, or once per seed with --runs (per pair with --ab)
 each_seed() {
+    if [ ${#ab[@]} -gt 0 ]; then
+        ab_pairs "$@"
+        return
+    fi
     if [ "$runs" -eq 1 ]; then
         "$@" "${args[@]}"
         return
@@ -34,6 +44,34 @@ each_seed() {
         echo "run $((seed + 1)) of $runs, seed $seed"
         "$@" "${args[@]}" --seed="$seed"
     done
+}
+
+# ab_pairs COMMAND...: the runs of the --ab comparison that are not finished yet, in their order (records/ab.py tells
+# which, and refuses a folder that holds another comparison), then the diff of the candidate against the baseline
+ab_pairs() {
+    local plan lines line role seed folder record flags=() extra i=0 rc
+    local -A folders  # of each role
+    plan=$("$PY" records/ab.py plan --runs="$runs" --flags="${ab[0]}" -- "$@" "${args[@]}") || exit
+    mapfile -t lines <<< "$plan"
+    read -ra flags <<< "${ab[0]}"
+    for line in "${lines[@]}"; do
+        IFS=$'\t' read -r role seed folder record <<< "$line"
+        i=$((i + 1))
+        folders[$role]=$folder
+        if [ -n "$record" ]; then
+            echo "run $i of ${#lines[@]}: $role, seed $seed: finished before, $record"
+            continue
+        fi
+        echo "run $i of ${#lines[@]}: $role, seed $seed"
+        extra=()
+        [ "$role" = candidate ] && extra=("${flags[@]}")
+        "$@" "${args[@]}" "${extra[@]}" --seed="$seed" --log_dir="$folder" || {
+            rc=$?
+            echo "run $i of ${#lines[@]} did not finish (exit status $rc); the same command again goes on from it" >&2
+            exit "$rc"
+        }
+    done
+    "$PY" records/compare.py diff "${folders[candidate]}" --baseline "${folders[baseline]}"
 }
 
 # the preset the arguments ask for (the last --preset wins, as in train_gpt.py); empty: none asked for

@@ -6,7 +6,7 @@ validation loss, with NorMuon + Adam and cautious weight decay scheduled as lr x
     python train_gpt.py --help                               # every hyperparameter with its default
 
 Sections follow a batch: configuration, kernels, optimizers, model, data loading, training loop, checkpoints,
-HellaSwag, logging.
+HellaSwag, analysis, logging.
 """
 import argparse
 import contextlib
@@ -131,6 +131,9 @@ class Config:
     # run
     warmup_steps: int = _arg(30, "untimed steps that compile every graph, then all state is reset")
     val_loss_every: int = _arg(250, "steps between validations (0: only at the start and the end)")
+    dense_val_every: int = _arg(0, "steps between validations over the last --dense_val_steps steps as well, to find "
+                                   "the earliest step at which the loss reaches its target (0: none)")
+    dense_val_steps: int = _arg(0, "the last steps before the run stops in which --dense_val_every applies")
     max_steps: int = _arg(0, "stop after this many steps with a final validation, schedules unchanged (0: no limit)")
     seed: int = _arg(0, "seed of the parameter initialisation")
     device: str = _arg("auto", "auto | cuda | cpu")
@@ -151,6 +154,9 @@ class Config:
     resume: str = _arg("", "checkpoint folder to continue, or auto: the newest in --checkpoint_dir (none there: start afresh)")
     hellaswag: str = _arg("", "tokenized HellaSwag examples to score after training, as data/hellaswag.py makes them "
                               "(data/hellaswag/hellaswag_val.json); empty: none")
+    analysis: str = _arg("on", "on | off: at every validation, outside the training time, each parameter group's mean "
+                               "square, the share of coordinates cautious decay reached on the step before, and the "
+                               "matrices' condition numbers, in the log and the record")
 
     @property
     def num_iterations(self) -> int:
@@ -176,7 +182,7 @@ CHOICES = {"preset": tuple(PRESETS), "device": ("auto", "cuda", "cpu"), "compile
            "fp8_head": ("auto", "on", "off"), "attention": ("auto", "flash-attn-4", "varlen_attn"),
            "weight_decay_mode": ("cautious", "decoupled", "none"),
            "cautious_mask": ("ge", "gt"), "adam_group_optimizer": ("adam", "lion"),
-           "adam_weight_decay_mode": ("cautious", "decoupled")}
+           "adam_weight_decay_mode": ("cautious", "decoupled"), "analysis": ("on", "off")}
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 METAVARS = {str: "TEXT", int: "INT", float: "NUMBER", tuple: "INT,INT,..."}
 
@@ -246,14 +252,17 @@ def check_config(cfg: Config):
                  "keep_checkpoints"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name}={getattr(cfg, name)}: must be positive")
-    for name in ("num_extension_iterations", "warmup_steps", "val_loss_every", "max_steps", "weight_decay",
-                 "adam_weight_decay", "embed_wd_mul", "value_embed_wd_mul", "lm_head_wd_mul", "scalar_wd_mul",
-                 "save_every"):
+    for name in ("num_extension_iterations", "warmup_steps", "val_loss_every", "dense_val_every", "dense_val_steps",
+                 "max_steps", "weight_decay", "adam_weight_decay", "embed_wd_mul", "value_embed_wd_mul",
+                 "lm_head_wd_mul", "scalar_wd_mul", "save_every"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name}={getattr(cfg, name)}: must not be negative")
     for name in ("adam_beta1", "adam_beta2", "lion_beta1", "lion_beta2"):
         if not 0 <= getattr(cfg, name) < 1:
             raise ConfigError(f"--{name}={getattr(cfg, name)}: must be in [0, 1) (default {FIELDS[name].default})")
+    if bool(cfg.dense_val_every) != bool(cfg.dense_val_steps):
+        raise ConfigError(f"--dense_val_every={cfg.dense_val_every} --dense_val_steps={cfg.dense_val_steps}: give both "
+                          "(validate every K steps over the last M), e.g. --dense_val_every=25 --dense_val_steps=200")
     if cfg.val_tokens % cfg.val_seq_tokens:
         raise ConfigError(f"--val_tokens={cfg.val_tokens} is not a multiple of --val_seq_tokens={cfg.val_seq_tokens}; "
                           f"use --val_tokens={max(1, cfg.val_tokens // cfg.val_seq_tokens) * cfg.val_seq_tokens}")
@@ -636,14 +645,25 @@ def all_gather_into(full: Tensor, local: Tensor):
     return dist.all_gather_into_tensor(full, local, async_op=True).wait
 
 
+def cautious_mask(update: Tensor, W: Tensor, mask: str) -> Tensor:
+    """Where cautious decay applies, so that it never pulls against the step: update * W >= 0 (mask ge, record 43)
+    or > 0 (gt, which also leaves alone the coordinates that the update does not move)."""
+    product = update * W
+    return product > 0 if mask == "gt" else product >= 0
+
+
 def decay_term(update: Tensor, W: Tensor, wd, mode: str, mask: str) -> Tensor:
     """What weight decay adds to an update before the lr scales it: wd * W (decoupled), or, cautious, wd * W only
-    where the update and W agree in sign, so that decay never pulls against the step: update * W >= 0 (mask ge,
-    record 43) or > 0 (gt, which also leaves alone the coordinates that the update does not move)."""
+    where the update and W agree in sign (cautious_mask)."""
     if mode == "decoupled":
         return wd * W
-    product = update * W
-    return wd * (product > 0 if mask == "gt" else product >= 0) * W
+    return wd * cautious_mask(update, W, mask) * W
+
+
+def count_decayed_(decayed: Tensor, update: Tensor, W: Tensor, mask: str):
+    """decayed[i] = the coordinates of the i-th of decayed.numel() equal parts of W (one per matrix) where cautious
+    decay applies; written on the device, for the analysis at the next validation to read."""
+    decayed.copy_(cautious_mask(update, W, mask).reshape(decayed.numel(), -1).sum(-1))
 
 
 class NorMuon(torch.optim.Optimizer):
@@ -659,9 +679,12 @@ class NorMuon(torch.optim.Optimizer):
     """
 
     def __init__(self, param_groups, lr: float, weight_decay: float, weight_decay_mode: str, momentum: float, beta2: float,
-                 cautious_mask: str = "ge"):
+                 cautious_mask: str = "ge", count_decayed: bool = False):
         super().__init__(param_groups, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, beta2=beta2))
         self.weight_decay_mode, self.cautious_mask = weight_decay_mode, cautious_mask
+        # count_decayed: per run (keyed by its first parameter), the coordinates cautious decay applied to on the
+        # last step, one count per matrix, kept on the device (not in `state`: it is not checkpointed)
+        self.decayed = {} if count_decayed else None
         for group in self.param_groups:
             first = group["params"][0]
             if any(p.shape != first.shape or p.dtype != first.dtype for p in group["params"]):
@@ -673,6 +696,10 @@ class NorMuon(torch.optim.Optimizer):
         gathers = [self._update_group(group, *pending) for group, pending in zip(self.param_groups, scattered)]
         for wait in gathers:
             wait()
+
+    def counts_decayed(self, group) -> bool:
+        """Whether the steps count, for `group`, the coordinates cautious decay applies to."""
+        return self.decayed is not None and self.weight_decay_mode == "cautious" and bool(group["weight_decay"])
 
     @staticmethod
     def _per_rank(group) -> int:
@@ -727,8 +754,13 @@ class NorMuon(torch.optim.Optimizer):
         O = polar_express(U.view(-1, rows, cols))
         lr_eff = device_scalar(lr * max(1.0, rows / cols) ** 0.5, W)
         wd_eff = device_scalar(lr * group["weight_decay"], W)
+        decayed = None
+        if self.counts_decayed(group):
+            if run[0] not in self.decayed:
+                self.decayed[run[0]] = torch.zeros(len(run) * matrices, dtype=torch.int64, device=W.device)
+            decayed = self.decayed[run[0]]
         normuon_apply(W, O, state["second_moment"], state["lr_mul"], lr_eff, wd_eff, group["beta2"],
-                      self.weight_decay_mode, self.cautious_mask)
+                      self.weight_decay_mode, self.cautious_mask, decayed)
 
 
 @compiled_on_cuda
@@ -741,16 +773,19 @@ def normuon_momentum(G: Tensor, buf: Tensor, m: Tensor, one_minus_m: Tensor) -> 
 
 @compiled_on_cuda
 def normuon_apply(W: Tensor, O: Tensor, v: Tensor, lr_mul: Tensor, lr: Tensor, wd: Tensor, beta2: float, mode: str,
-                  mask: str):
+                  mask: str, decayed: Tensor | None = None):
     """The rest of a NorMuon step on W (n, rows, cols), from Polar Express's O (one entry per matrix): the second
     moment v's per-column normalisation, rescaled to O's norm before it, then the decay and the update, with lr the
-    scheduled lr times sqrt(max(1, rows / cols)), lr_mul the members' multipliers and wd = scheduled lr x decay."""
+    scheduled lr times sqrt(max(1, rows / cols)), lr_mul the members' multipliers and wd = scheduled lr x decay.
+    decayed, where given, receives the count of coordinates cautious decay applies to, per matrix."""
     O = O.float()
     v.lerp_(O.square().mean(dim=-2, keepdim=True), 1 - beta2)
     norm_before = O.norm(dim=(-2, -1), keepdim=True)
     O = O * v.clamp_min(1e-10).rsqrt()
     O = (O * (norm_before / O.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))).view(W.shape)
     Wf = W.float()
+    if decayed is not None:
+        count_decayed_(decayed, O, Wf, mask)
     if mode != "none":
         O = O + decay_term(O, Wf, wd, mode, mask)
     W.copy_(Wf - lr * lr_mul * O)
@@ -764,9 +799,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
     the update and the weights of the rank's own slice. Subclasses update one slice in `_update`, given its lr
     (scheduled, times lr_mul) and its decay (see decay_slice_)."""
 
-    def __init__(self, params, defaults: dict, weight_decay_mode: str, cautious_mask: str):
+    def __init__(self, params, defaults: dict, weight_decay_mode: str, cautious_mask: str, count_decayed: bool = False):
         super().__init__(params, defaults)
         self.weight_decay_mode, self.cautious_mask = weight_decay_mode, cautious_mask
+        # count_decayed: per parameter, the coordinates of this rank's slice that cautious decay applied to on the
+        # last step, on the device (not in `state`: it is not checkpointed)
+        self.decayed = {} if count_decayed else None
         world = dist.get_world_size()
         for group in self.param_groups:
             for p in group["params"]:
@@ -792,21 +830,35 @@ class ShardedOptimizer(torch.optim.Optimizer):
         for wait in gathers:
             wait()
 
+    def decays(self, group, p) -> bool:
+        return bool(group["weight_decay"] * getattr(p, "wd_mul", 1.0))
+
+    def counts_decayed(self, group, p) -> bool:
+        """Whether the steps count the coordinates of p that cautious decay applies to."""
+        return self.decayed is not None and self.weight_decay_mode == "cautious" and self.decays(group, p)
+
     def _decay(self, group, p, lr: float, W: Tensor):
         """The decay of p's slice W for decay_slice_: None where p is not decayed, which is known without the
         scheduled lr, so that a compiled step keeps one graph."""
-        wd_mul = getattr(p, "wd_mul", 1.0)
-        if not group["weight_decay"] * wd_mul:
+        if not self.decays(group, p):
             return None
-        wd = group["lr"] * group["weight_decay"] * wd_mul
-        return device_scalar(lr, W), device_scalar(wd, W), self.weight_decay_mode, self.cautious_mask
+        wd = group["lr"] * group["weight_decay"] * getattr(p, "wd_mul", 1.0)
+        decayed = None
+        if self.counts_decayed(group, p):
+            if p not in self.decayed:
+                self.decayed[p] = torch.zeros(1, dtype=torch.int64, device=W.device)
+            decayed = self.decayed[p]
+        return device_scalar(lr, W), device_scalar(wd, W), self.weight_decay_mode, self.cautious_mask, decayed
 
 
 def decay_slice_(W: Tensor, update: Tensor, decay):
     """Decay the slice W in place from its weights before the step, with `update` the step's direction on the same
-    slice; decay is None (no decay) or (lr, wd, mode, mask): W -= lr * decay_term(update, W, wd, mode, mask)."""
+    slice; decay is None (no decay) or (lr, wd, mode, mask, decayed): W -= lr * decay_term(update, W, wd, mode, mask),
+    with the count of coordinates decayed written to `decayed` where it is given."""
     if decay is not None:
-        lr, wd, mode, mask = decay
+        lr, wd, mode, mask, decayed = decay
+        if decayed is not None:
+            count_decayed_(decayed, update, W.float(), mask)
         # in float32, as NorMuon's: with a bf16 W the term would be rounded to bf16 twice before the step
         W.sub_(lr * decay_term(update, W.float(), wd, mode, mask))
 
@@ -816,9 +868,9 @@ class DistAdam(ShardedOptimizer):
     plus the optional weight decay. State has the parameter's dtype."""
 
     def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float = 0.0,
-                 weight_decay_mode: str = "cautious", cautious_mask: str = "ge"):
+                 weight_decay_mode: str = "cautious", cautious_mask: str = "ge", count_decayed: bool = False):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), weight_decay_mode,
-                         cautious_mask)
+                         cautious_mask, count_decayed)
 
     def _update(self, group, W: Tensor, g: Tensor, state: dict, lr: float, decay):
         beta1, beta2 = group["betas"]
@@ -850,8 +902,9 @@ class DistLion(ShardedOptimizer):
     weight decay. State has the parameter's dtype."""
 
     def __init__(self, params, lr: float, betas: tuple[float, float], weight_decay: float = 0.0,
-                 weight_decay_mode: str = "cautious", cautious_mask: str = "ge"):
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay), weight_decay_mode, cautious_mask)
+                 weight_decay_mode: str = "cautious", cautious_mask: str = "ge", count_decayed: bool = False):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay), weight_decay_mode, cautious_mask,
+                         count_decayed)
 
     def _update(self, group, W: Tensor, g: Tensor, state: dict, lr: float, decay):
         beta1, beta2 = group["betas"]
@@ -1053,9 +1106,10 @@ def make_optimizers(cfg: Config, model: GPT) -> tuple[NorMuon, ShardedOptimizer]
     slots_per_rank = math.ceil(len(big) / world)
     first_size = math.ceil(slots_per_rank / 2) * world
     matrix_groups = [[model.smear_gate], [a.gate for a in attn], big[:first_size], big[first_size:]]
+    count_decayed = cfg.analysis == "on"
     normuon = NorMuon([dict(params=g) for g in matrix_groups if g], lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
                       weight_decay_mode=cfg.weight_decay_mode, momentum=cfg.muon_momentum, beta2=cfg.muon_beta2,
-                      cautious_mask=cfg.cautious_mask)
+                      cautious_mask=cfg.cautious_mask, count_decayed=count_decayed)
     value_embeds = [e.weight for e in model.value_embeds]
     for p in [model.embed.weight, *value_embeds]:
         p.lr_mul = cfg.embed_lr_mul
@@ -1066,7 +1120,7 @@ def make_optimizers(cfg: Config, model: GPT) -> tuple[NorMuon, ShardedOptimizer]
         p.wd_mul = cfg.value_embed_wd_mul
     params = [model.embed.weight, *value_embeds, model.lm_head, model.scalars]
     decay = dict(weight_decay=cfg.adam_weight_decay, weight_decay_mode=cfg.adam_weight_decay_mode,
-                 cautious_mask=cfg.cautious_mask)
+                 cautious_mask=cfg.cautious_mask, count_decayed=count_decayed)
     if cfg.adam_group_optimizer == "lion":
         adam = DistLion(params, lr=cfg.adam_lr * cfg.lion_lr_scale, betas=(cfg.lion_beta1, cfg.lion_beta2), **decay)
     else:
@@ -1323,6 +1377,14 @@ def muon_momentum(cfg: Config, step: int) -> float:
 def final_step(cfg: Config) -> int:
     """The step at which the run stops: the end of the schedule, or --max_steps before it."""
     return min(cfg.num_iterations, cfg.max_steps) if cfg.max_steps else cfg.num_iterations
+
+
+def validates(cfg: Config, step: int, stop: int) -> bool:
+    """Whether the run validates after `step` steps: at the start and at the stop, every --val_loss_every steps, and
+    every --dense_val_every steps over the last --dense_val_steps before the stop."""
+    if step in (0, stop) or (cfg.val_loss_every and step % cfg.val_loss_every == 0):
+        return True
+    return bool(cfg.dense_val_every) and step >= stop - cfg.dense_val_steps and step % cfg.dense_val_every == 0
 
 
 def long_window(cfg: Config, step: int) -> int:
@@ -1729,8 +1791,7 @@ def train(cfg: Config, device, rank: int, world: int, inputs: Inputs, log: "RunL
     for step in range(start, stop + 1):
         last = step == stop
         # a resumed run validated its first step before the checkpoint was written
-        validate = (last or step == 0 or (cfg.val_loss_every and step % cfg.val_loss_every == 0)) and (
-            resume is None or step > start)
+        validate = validates(cfg, step, stop) and (resume is None or step > start)
         save = cfg.save_every and step > start and (last or step % cfg.save_every == 0)
         if validate or save:
             check.check()
@@ -1741,6 +1802,8 @@ def train(cfg: Config, device, rank: int, world: int, inputs: Inputs, log: "RunL
                 with explain_out_of_memory(cfg, world, training=False):
                     loss = evaluate(model, val_data, val_windows, device)
                 log.val(step, stop, total_steps, loss, train_ms)
+                if cfg.analysis == "on":
+                    log.analysis(step, measure_weights(raw_model, optimizers))
             if save:
                 save_checkpoint(cfg, step, train_ms, raw_model, optimizers, batches, log)
             sync()
@@ -1830,9 +1893,9 @@ def main(argv=None) -> int:
 
 CHECKPOINT_FORMAT = "train_gpt-checkpoint/1"
 # Flags that may change when a run resumes: they steer or record the run but do not change what it computes.
-RESUMABLE_CHANGES = ("preset", "max_steps", "val_loss_every", "warmup_steps", "device", "compile", "compile_cache",
-                     "log_dir", "checkpoint", "save_every", "keep_checkpoints", "checkpoint_dir", "resume", "hellaswag",
-                     "attention")
+RESUMABLE_CHANGES = ("preset", "max_steps", "val_loss_every", "dense_val_every", "dense_val_steps", "warmup_steps",
+                     "device", "compile", "compile_cache", "log_dir", "checkpoint", "save_every", "keep_checkpoints",
+                     "checkpoint_dir", "resume", "hellaswag", "attention", "analysis")
 
 
 # sample.py reads checkpoints in a single process, without a process group, on purpose.
@@ -2105,6 +2168,143 @@ def hellaswag_accuracy(model: "GPT", examples: list[dict], bos_id: int, windows,
 
 
 # -----------------------------------------------------------------------------
+# Analysis: the figures record 43's write-up argues from, at every validation: each group's mean square, the share of
+# coordinates cautious decay reached on the step before, and the matrices' condition numbers
+
+ANALYSIS_METRICS = ("mean_square", "cautious_fraction", "condition_number", "max_singular_value")
+# groups that pool others: all of the attention's matrices, all of the MLP's; the log line shows these
+ANALYSIS_SUMMARIES = {"attn": ("attn_q", "attn_k", "attn_v", "attn_o"), "mlp": ("mlp_in", "mlp_out")}
+
+
+def analysis_parts(model: GPT) -> dict[Tensor, list[tuple[str, str]]]:
+    """(name, group) of every part the analysis measures, per parameter in the order of its memory: the attention's
+    qkvo is its four matrices Q, K, V, O; every other parameter is one part."""
+    parts = {model.smear_gate: [("smear_gate", "gates")], model.embed.weight: [("embed", "embed")],
+             model.lm_head: [("lm_head", "lm_head")], model.scalars: [("scalars", "scalars")]}
+    for i, embed in enumerate(model.value_embeds):
+        parts[embed.weight] = [(f"value_embeds.{i}", "value_embed")]
+    for i, block in model.blocks.items():
+        if block.attn is not None:
+            parts[block.attn.qkvo] = [(f"blocks.{i}.attn.{m}", f"attn_{m}") for m in "qkvo"]
+            parts[block.attn.gate] = [(f"blocks.{i}.attn.gate", "gates")]
+        parts[block.mlp.fc] = [(f"blocks.{i}.mlp.fc", "mlp_in")]
+        parts[block.mlp.proj] = [(f"blocks.{i}.mlp.proj", "mlp_out")]
+    return parts
+
+
+def tensor_figures(W: Tensor) -> Tensor:
+    """[mean square] of W, and for a matrix [mean square, largest singular value, smallest], in float32."""
+    W = W.float()
+    figures = [W.square().mean()]
+    if W.dim() == 2:
+        s = torch.linalg.svdvals(W)
+        figures += [s[0], s[-1]]
+    return torch.stack(figures)
+
+
+def finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None  # JSON has no NaN
+
+
+@torch.no_grad()
+def measure_weights(model: GPT, optimizers) -> dict[str, dict] | None:
+    """Every part's figures, by name, on rank 0 (None on the others): its group, size and mean square; for a matrix
+    its largest singular value and condition number (largest over smallest; None for a singular matrix, such as a
+    zero one); and where the optimizer counts it, the cautious fraction: the share of coordinates that cautious decay
+    applied to on the optimizer's last step (None before its first). Each rank measures what it updates, its NorMuon
+    runs and every world-th tensor of the Adam group, so the work shrinks with more ranks as the optimizers' does;
+    the Adam group's counts are of each rank's slice, summed here."""
+    normuon, adam = optimizers
+    rank, world = dist.get_rank(), dist.get_world_size()
+    parts = analysis_parts(model)
+    mine = []  # (name, group, weights, counted, count on the device or None)
+    for group in normuon.param_groups:
+        counted = normuon.counts_decayed(group)
+        for run in normuon.my_runs(group):
+            counts = normuon.decayed.get(run[0]) if counted else None
+            matrices = [W for p in run for W in p.view(getattr(p, "matrices", 1), p.size(0), -1)]
+            named = [part for p in run for part in parts[p]]
+            mine += [(name, kind, W, counted, None if counts is None else counts[i])
+                     for i, ((name, kind), W) in enumerate(zip(named, matrices))]
+    adam_counted = []  # (name, count of this rank's slice or None), of every tensor whose count the Adam group keeps
+    for i, (group, p) in enumerate((group, p) for group in adam.param_groups for p in group["params"]):
+        ((name, kind),) = parts[p]
+        if i % world == rank:
+            mine.append((name, kind, p, False, None))
+        if adam.counts_decayed(group, p):
+            adam_counted.append((name, adam.decayed.get(p)))
+    on_device = []
+    for _, _, W, _, count in mine:
+        on_device.append(tensor_figures(W).double())
+        if count is not None:
+            on_device.append(count.double().view(1))
+    on_device += [count.double().view(1) for _, count in adam_counted if count is not None]
+    values = iter(torch.cat(on_device).tolist() if on_device else [])  # the one read-back, in this order
+    figures = {}
+    for name, kind, W, counted, count in mine:
+        f = figures[name] = {"group": kind, "size": W.numel(), "mean_square": finite_or_none(next(values))}
+        if W.dim() == 2:
+            largest, smallest = next(values), next(values)
+            f["max_singular_value"] = finite_or_none(largest)
+            f["condition_number"] = finite_or_none(largest / smallest) if smallest > 0 else None
+        if counted:
+            f["decayed"] = None if count is None else next(values)
+    adam_decayed = {name: None if count is None else next(values) for name, count in adam_counted}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (figures, adam_decayed))
+    if rank != 0:
+        return None
+    figures = {name: f for part, _ in gathered for name, f in part.items()}
+    for name in adam_decayed:
+        counts = [decayed[name] for _, decayed in gathered]
+        figures[name]["decayed"] = None if None in counts else sum(counts)
+    for f in figures.values():
+        if "decayed" in f:
+            decayed = f.pop("decayed")
+            f["cautious_fraction"] = None if decayed is None else decayed / f["size"]
+    return figures
+
+
+def over_coordinates(figures: list[dict], metric: str) -> float | None:
+    """The mean of a per-coordinate figure over all the parts' coordinates (parts without a value left out)."""
+    known = [f for f in figures if f[metric] is not None]
+    size = sum(f["size"] for f in known)
+    return sum(f[metric] * f["size"] for f in known) / size if known else None
+
+
+def median_over_matrices(figures: list[dict], metric: str) -> float | None:
+    known = [f[metric] for f in figures if f[metric] is not None]
+    return float(np.median(known)) if known else None
+
+
+def group_figures(parts: dict[str, dict]) -> dict[str, dict]:
+    """Each group's figures from its parts' (measure_weights): the mean square and the cautious fraction over all
+    the group's coordinates, the condition number and the largest singular value the median over its matrices."""
+    members = {}
+    for f in parts.values():
+        members.setdefault(f["group"], []).append(f)
+    for summary, kinds in ANALYSIS_SUMMARIES.items():
+        if all(kind in members for kind in kinds):
+            members[summary] = [f for kind in kinds for f in members[kind]]
+    combine = {"mean_square": over_coordinates, "cautious_fraction": over_coordinates,
+               "condition_number": median_over_matrices, "max_singular_value": median_over_matrices}
+    return {name: {metric: combine[metric](figures, metric) for metric in ANALYSIS_METRICS if metric in figures[0]}
+            for name, figures in members.items()}
+
+
+def analysis_line(step: int, groups: dict[str, dict]) -> str:
+    """The log line of one validation's analysis: the summary groups' mean square, cautious fraction and condition
+    number."""
+    line = f"analysis step:{step}"
+    for metric, spec in (("mean_square", ".3e"), ("cautious_fraction", ".3f"), ("condition_number", ".4g")):
+        shown = [f"{name}:{'n/a' if groups[name][metric] is None else format(groups[name][metric], spec)}"
+                 for name in ANALYSIS_SUMMARIES if metric in groups.get(name, {})]
+        if shown:
+            line += f" {metric} " + " ".join(shown)
+    return line
+
+
+# -----------------------------------------------------------------------------
 # Logging: rank 0 writes <log_dir>/<UTC time>_<run id>.txt and a .json beside it, flushed as they go
 
 SEPARATOR = "=" * 100
@@ -2217,6 +2417,25 @@ class RunLog:
         self.line(f"step:{step}/{total_steps} val_loss:{loss:.4f} train_time:{train_ms:.0f}ms "
                   f"step_avg:{train_ms / max(step, 1):.2f}ms{eta}")
         self.record["val"].append({"step": step, "val_loss": loss, "train_time_ms": train_ms})
+        self._write_json()
+
+    def analysis(self, step: int, parts: dict[str, dict] | None):
+        """measure_weights' figures: a line of the summary groups', and in the record every group's and part's as
+        series over the validation steps."""
+        if not self.enabled:
+            return
+        groups = group_figures(parts)
+        self.line(analysis_line(step, groups))
+        record = self.record.setdefault("analysis", {"steps": [], "groups": {}, "params": {}})
+        record["steps"].append(step)
+        for name, figures in groups.items():
+            for metric, value in figures.items():
+                record["groups"].setdefault(name, {}).setdefault(metric, []).append(value)
+        for name, figures in parts.items():
+            series = record["params"].setdefault(name, {"group": figures["group"], "size": figures["size"]})
+            for metric in ANALYSIS_METRICS:
+                if metric in figures:
+                    series.setdefault(metric, []).append(figures[metric])
         self._write_json()
 
     def hellaswag(self, right: int, examples: int):

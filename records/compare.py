@@ -23,7 +23,15 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-TARGET_LOSS = 3.28
+TARGET_LOSS = 3.28                      # the speedrun's target validation loss, the default of --target
+# The rules of the speedrun's optimization track (modded-nanogpt records/track_3_optimization/README.md). A result is
+# accepted when (target - mean loss) x sqrt(n) >= TRACK_MARGIN: a one-sided z-test with the runs' loss std taken as
+# TRACK_SIGMA, the margin being 3.09 sigma (p < 0.001). A result beats another when
+# (final loss diff + step diff / 100 x rate) / sqrt(1/n1 + 1/n2) >= TRACK_MARGIN, the rate being the loss that 100
+# more steps are worth, measured on the track's baseline.
+TRACK_SIGMA = 0.0013
+TRACK_MARGIN = 0.004
+LOSS_PER_100_STEPS = 0.0045
 RECORDS_DIR = Path(__file__).resolve().parent
 RECORD_FORMAT = "train_gpt-record/1"    # the .json train_gpt.py writes beside its log
 FIGURES_FORMAT = "speedrun-figures/1"   # published figures of a record, see records/README.md
@@ -44,6 +52,12 @@ CONFIG_LINE = "config: "                # train_gpt.py's configuration as JSON, 
 SETUP_FIELDS = ("preset", "steps", "model", "batch", "vocabulary", "data", "hardware")
 SETUP_KEYS = ("preset", "max_steps", "model_dim", "num_heads", "head_dim", "train_batch_tokens", "vocab_size",
               "train_files", "val_files", "val_tokens")
+
+# What plot --metric draws: the validation loss, or METRIC:NAME of a record's analysis (NAME a group or a part)
+VAL_LOSS = "val_loss"
+ANALYSIS_METRICS = ("mean_square", "cautious_fraction", "condition_number", "max_singular_value")
+METRIC_LABELS = {"mean_square": "mean square", "cautious_fraction": "cautious fraction",
+                 "condition_number": "condition number", "max_singular_value": "largest singular value"}
 
 RUN_HELP = ("a record file written by train_gpt.py (.json, or its .txt log), a log in the public speedrun "
             "format ('step:S/N val_loss:L train_time:Tms step_avg:Ams' lines), a figures.json of a "
@@ -74,6 +88,8 @@ class Run:
     incomplete: str | None = None    # why the run did not finish; None for a finished run
     peak_memory_mib: tuple[int, int] | None = None      # (allocated, reserved)
     config: dict | None = None       # its SETUP_KEYS, where the source tells them
+    seed: int | None = None          # train_gpt.py's --seed: runs of two sets with one seed are paired in diff
+    analysis: dict | None = None     # the record's "analysis" (weights at each validation), where it has one
 
     @property
     def setup(self) -> dict[str, str]:
@@ -146,12 +162,18 @@ def describe_setup(config: dict | None, num_steps: int, hardware: str | None) ->
     return {name: setup[name] for name in SETUP_FIELDS if name in setup}
 
 
+def seed_of(config) -> int | None:
+    """The --seed of a train_gpt.py configuration; None where it does not tell."""
+    seed = config.get("seed") if isinstance(config, dict) else None
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
 def config_of_log(lines: list[str]) -> dict | None:
-    """The configuration in the header of a train_gpt.py log; None for other logs."""
+    """The whole configuration in the header of a train_gpt.py log; None for other logs."""
     for line in lines:
         if line.startswith(CONFIG_LINE):
             try:
-                return setup_config(json.loads(line[len(CONFIG_LINE):]))
+                return json.loads(line[len(CONFIG_LINE):])
             except json.JSONDecodeError:
                 return None
     return None
@@ -178,7 +200,9 @@ def run_from_log(path: Path) -> Run:
     incomplete = None
     if val[-1].step < num_steps and peak is None:
         incomplete = f"log ends at step {steps_done} of {num_steps}, before the final validation"
-    return Run(path.stem, path, num_steps, steps_done, val[-1], None, val, incomplete, peak, config_of_log(lines))
+    config = config_of_log(lines)
+    return Run(path.stem, path, num_steps, steps_done, val[-1], None, val, incomplete, peak, setup_config(config),
+               seed_of(config))
 
 
 def run_from_record(path: Path, data: dict) -> Run:
@@ -189,7 +213,8 @@ def run_from_record(path: Path, data: dict) -> Run:
         hardware = f"{env['world_size']}x {env['gpu'] or env['device']}"
         allocated, reserved = data["peak_memory_allocated_mib"], data["peak_memory_reserved_mib"]
         name = str(data["run_id"])
-        config = setup_config(data.get("config"))
+        config, seed = setup_config(data.get("config")), seed_of(data.get("config"))
+        analysis = checked_analysis(data.get("analysis"))
     except (KeyError, TypeError, ValueError) as e:
         raise RecordError(f"{path}: damaged record, field {e} is missing or malformed; {damaged_fix(path)}")
     if status not in ("finished", "running", "failed", "interrupted"):
@@ -200,7 +225,23 @@ def run_from_record(path: Path, data: dict) -> Run:
     where = "after" if status == "failed" else "at"  # as train_gpt.py says it: a failed step did not complete
     incomplete = None if status == "finished" else f"{status} {where} step {steps_done} of {num_steps}"
     peak = None if allocated is None or reserved is None else (int(allocated), int(reserved))
-    return Run(name, path, num_steps, steps_done, val[-1], hardware, val, incomplete, peak, config)
+    return Run(name, path, num_steps, steps_done, val[-1], hardware, val, incomplete, peak, config, seed, analysis)
+
+
+def checked_analysis(analysis) -> dict | None:
+    """A record's "analysis" (see the README's record files), with every series as long as its steps; a KeyError,
+    TypeError or ValueError where it is malformed."""
+    if analysis is None:
+        return None
+    steps = [int(step) for step in analysis["steps"]]
+    for section in ("groups", "params"):
+        for name, figures in analysis[section].items():
+            for metric in ANALYSIS_METRICS:
+                values = figures.get(metric, [])
+                if metric in figures and (len(values) != len(steps) or
+                                          not all(v is None or isinstance(v, (int, float)) for v in values)):
+                    raise ValueError(f"analysis.{section}.{name}.{metric}")
+    return analysis
 
 
 def runs_from_figures(path: Path, data: dict) -> RunSet:
@@ -215,7 +256,8 @@ def runs_from_figures(path: Path, data: dict) -> RunSet:
             val = parse_points(r.get("val", []))
             final_step = val[-1].step if val else num_steps  # a run stopped by max_steps ends before num_steps
             final = ValPoint(final_step, float(r["final_val_loss"]), 1000 * float(r["train_time_s"]))
-            runs.append(Run(f"{name} #{i}", path, num_steps, final_step, final, hardware, val, None, peak, config))
+            runs.append(Run(f"{name} #{i}", path, num_steps, final_step, final, hardware, val, None, peak, config,
+                            seed_of(r)))
         timings = [Timing(str(t["label"]), [float(x) for x in t["train_times_s"]])
                    for t in data.get("other_timings", [])]
     except (KeyError, TypeError, ValueError) as e:
@@ -359,6 +401,92 @@ def mean_curve(runs: list[Run]) -> list[tuple[int, float, int]]:
     return [(step, float(np.mean(losses)), len(losses)) for step, losses in sorted(by_step.items())]
 
 
+def paired_t(diffs: list[float]) -> dict:
+    """The paired t-test: two-sided, that the mean of per-pair differences is zero (scipy's ttest_rel on the pairs),
+    with the 95% interval of that mean."""
+    n = len(diffs)
+    mean = float(np.mean(diffs)) if diffs else math.nan
+    if n < 2 or np.ptp(diffs) == 0:
+        return {"n": n, "mean": mean, "ci95": [math.nan, math.nan], "t": math.nan, "df": math.nan, "p": math.nan}
+    res = stats.ttest_1samp(diffs, 0.0)
+    half = float(stats.t.ppf(0.975, n - 1) * np.std(diffs, ddof=1) / math.sqrt(n))
+    return {"n": n, "mean": mean, "ci95": [mean - half, mean + half], "t": float(res.statistic), "df": float(res.df),
+            "p": float(res.pvalue)}
+
+
+def by_seed(runs: list[Run]) -> dict[int, list[Run]]:
+    seeds: dict[int, list[Run]] = {}
+    for run in runs:
+        if run.seed is not None:
+            seeds.setdefault(run.seed, []).append(run)
+    return seeds
+
+
+def paired(runs: list[Run], baseline: list[Run]) -> dict | None:
+    """Paired t-tests on the per-seed differences (runs minus baseline) of final loss and training time, over the
+    seeds both sets have; None where they share none. A seed with several runs in a set enters once, as the mean of
+    its runs, so that each seed is one pair however often it was run."""
+    mine, theirs = by_seed(runs), by_seed(baseline)
+    seeds = sorted(mine.keys() & theirs.keys())
+    if not seeds:
+        return None
+    def per_seed(group, value):
+        return [float(np.mean([value(r) for r in group[seed]])) for seed in seeds]
+    def differences(value):
+        return [a - b for a, b in zip(per_seed(mine, value), per_seed(theirs, value))]
+    return {
+        "seeds": seeds,
+        "unpaired": {"runs": sorted(mine.keys() - theirs.keys()), "baseline": sorted(theirs.keys() - mine.keys())},
+        "repeated": {side: [{"seed": seed, "runs": len(group[seed])} for seed in seeds if len(group[seed]) > 1]
+                     for side, group in (("runs", mine), ("baseline", theirs))},
+        "final_val_loss": paired_t(differences(lambda r: r.final.val_loss)),
+        "train_time_s": paired_t(differences(lambda r: r.final.train_time_ms / 1000)),
+    }
+
+
+def track_z(figure: float) -> dict:
+    """A track figure as the z-score it is (figure / sigma) and its one-sided p-value."""
+    z = figure / TRACK_SIGMA
+    return {"z": z, "p": float(stats.norm.sf(z)) if math.isfinite(z) else math.nan}
+
+
+def acceptance(runs: list[Run], target: float = TARGET_LOSS) -> dict:
+    """The track's acceptance figure (target - mean final loss) x sqrt(n) against TRACK_MARGIN, and the earliest
+    step, among those at which every run validated, where the runs' mean loss there passes it (validation every few
+    steps near the end, the trainer's --dense_val_every, makes that step fine-grained)."""
+    def figure_of(losses):
+        return (target - float(np.mean(losses))) * math.sqrt(len(losses)) if losses else math.nan
+    figure = figure_of([r.final.val_loss for r in runs])
+    shared = set.intersection(*({p.step for p in r.val} for r in runs)) if runs and all(r.val for r in runs) else set()
+    earliest = None
+    for step in sorted(shared):
+        losses = [next(p.val_loss for p in r.val if p.step == step) for r in runs]
+        if figure_of(losses) >= TRACK_MARGIN:
+            earliest = {"step": step, "val_loss": float(np.mean(losses)), "figure": figure_of(losses)}
+            break
+    return {"target": target, "n": len(runs), "figure": figure, "margin": TRACK_MARGIN, "sigma": TRACK_SIGMA,
+            "passes": figure >= TRACK_MARGIN if runs else None, **track_z(figure),
+            "loss_std": mean_std([r.final.val_loss for r in runs])[1], "shared_steps": len(shared),
+            "earliest_step": earliest}
+
+
+def pairwise(runs: list[Run], baseline: list[Run], rate: float = LOSS_PER_100_STEPS) -> dict:
+    """The track's figure for the runs beating the baseline: positive where the runs are better. The loss and step
+    differences are the baseline's minus the runs' (means of final losses and of the steps of the final
+    validations), 100 steps being worth `rate` of loss."""
+    def mean_of(group, value):
+        return float(np.mean([value(r) for r in group])) if group else math.nan
+    loss_diff = mean_of(baseline, lambda r: r.final.val_loss) - mean_of(runs, lambda r: r.final.val_loss)
+    step_diff = mean_of(baseline, lambda r: r.final.step) - mean_of(runs, lambda r: r.final.step)
+    figure = ((loss_diff + step_diff / 100 * rate) / math.sqrt(1 / len(runs) + 1 / len(baseline))
+              if runs and baseline else math.nan)
+    stds = [mean_std([r.final.val_loss for r in group])[1] for group in (runs, baseline)]
+    return {"final_loss_diff": loss_diff, "step_diff": step_diff, "rate": rate, "n_runs": len(runs),
+            "n_baseline": len(baseline), "figure": figure, "margin": TRACK_MARGIN, "sigma": TRACK_SIGMA,
+            "better": figure >= TRACK_MARGIN if runs and baseline else None, **track_z(figure),
+            "loss_std": max((s for s in stds if not math.isnan(s)), default=math.nan)}
+
+
 def first_step_below(curve: list[tuple[int, float]], target: float = TARGET_LOSS) -> float | None:
     """The step at which a (step, loss) curve first reaches the target, linear between validations."""
     for i, (step, loss) in enumerate(curve):
@@ -373,7 +501,7 @@ def first_step_below(curve: list[tuple[int, float]], target: float = TARGET_LOSS
 # -----------------------------------------------------------------------------
 # Reports: a dict (printed as JSON with --json) and its table
 
-def summarise(runset: RunSet) -> dict:
+def summarise(runset: RunSet, target: float = TARGET_LOSS) -> dict:
     """Every run in the table; the statistics over the finished runs only."""
     finished = runset.finished
     losses = [r.final.val_loss for r in finished]
@@ -394,7 +522,8 @@ def summarise(runset: RunSet) -> dict:
                   "ms_per_step": r.final.train_time_ms / r.final.step if r.final.step else math.nan,
                   "incomplete": r.incomplete} for r in runset.runs],
         "val_loss": {"mean": loss_mean, "std": loss_std},
-        "t_test_below_target": {"target": TARGET_LOSS, "alternative": "less", **t_test_below(losses)},
+        "t_test_below_target": {"target": target, "alternative": "less", **t_test_below(losses, target)},
+        "acceptance": acceptance(finished, target),
         "train_time": timings,
         "hardware": sorted({r.hardware or "unknown" for r in runset.runs}),
         "num_steps": sorted({r.num_steps for r in runset.runs}),
@@ -405,7 +534,7 @@ def summarise(runset: RunSet) -> dict:
     }
 
 
-def diff(runs: RunSet, baseline: RunSet) -> dict:
+def diff(runs: RunSet, baseline: RunSet, target: float = TARGET_LOSS, rate: float = LOSS_PER_100_STEPS) -> dict:
     curves = {"runs": mean_curve(runs.runs), "baseline": mean_curve(baseline.runs)}
     missing = [f"{s.name} has no validation curve" for s, c in zip((runs, baseline), curves.values()) if not c]
     base_by_step = {step: (loss, n) for step, loss, n in curves["baseline"]}
@@ -428,18 +557,55 @@ def diff(runs: RunSet, baseline: RunSet) -> dict:
                           "diff_s": mean_a - mean_b, "diff_percent": 100 * (mean_a / mean_b - 1)})
     sides = {key: {"name": s.name, "num_runs": len(s.runs), "incomplete": len(s.runs) - len(s.finished),
                    "num_curves": sum(bool(r.val) for r in s.runs),
-                   "first_step_at_target": first_step_below([(step, loss) for step, loss, _ in curves[key]])}
+                   "first_step_at_target": first_step_below([(step, loss) for step, loss, _ in curves[key]], target)}
              for key, s in (("runs", runs), ("baseline", baseline))}
     mean_a, mean_b = mean_std(a)[0], mean_std(b)[0]
     return {
         **sides,
         "warnings": setup_warnings([runs, baseline]),
-        "target": TARGET_LOSS,
+        "target": target,
         "note": note,
         "curve": shared,
         "final_val_loss": {"runs": mean_a, "baseline": mean_b, "diff": mean_a - mean_b, "welch": welch(a, b)},
+        "paired": paired(runs.finished, baseline.finished),
+        "track": pairwise(runs.finished, baseline.finished, rate),
         "train_time": times,
+        "analysis": analysis_diff(runs, baseline),
     }
+
+
+def final_figures(runs: list[Run]) -> dict[str, list[float]]:
+    """METRIC:GROUP -> each run's value at its final validation, over the runs whose analysis has it there."""
+    values = {}
+    for run in runs:
+        if run.analysis is None or run.analysis["steps"][-1:] != [run.final.step]:
+            continue
+        for group, figures in run.analysis["groups"].items():
+            for metric in ANALYSIS_METRICS:
+                if figures.get(metric) and figures[metric][-1] is not None:
+                    values.setdefault(f"{metric}:{group}", []).append(figures[metric][-1])
+    return values
+
+
+def analysis_diff(runs: RunSet, baseline: RunSet) -> dict:
+    """The groups' weight figures at the final validation, mean over the finished runs of each side, side by side
+    with their ratio (None where a side lacks a figure)."""
+    finals = [final_figures(s.finished) for s in (runs, baseline)]
+    lacking = [s.name for s, f in zip((runs, baseline), finals) if not f]
+    note = None
+    if lacking:
+        note = (f"{' and '.join(lacking)}: no analysis figures (they are in the .json records of train_gpt.py runs "
+                "with --analysis=on, the default)")
+    keys = sorted(dict.fromkeys(key for f in finals for key in f),
+                  key=lambda key: ANALYSIS_METRICS.index(key.partition(":")[0]))
+    rows = []
+    for key in keys:
+        (mean_a, n_a), (mean_b, n_b) = [(float(np.mean(f[key])), len(f[key])) if key in f else (None, 0)
+                                        for f in finals]
+        ratio = mean_a / mean_b if mean_a is not None and mean_b else None
+        rows.append({"figure": key, "runs": mean_a, "runs_n": n_a, "baseline": mean_b, "baseline_n": n_b,
+                     "ratio": ratio})
+    return {"note": note, "final": rows}
 
 
 def fmt(x: float, spec: str) -> str:
@@ -469,6 +635,7 @@ def render_summary(s: dict) -> str:
             f"p = {t['p']:.4f}  (one-sided one-sample t-test, t = {t['t']:.3f}, {t['df']:.0f} df)")
     out += ["", f"val loss     mean {fmt(s['val_loss']['mean'], '.4f')}  std {fmt(s['val_loss']['std'], '.4f')}",
             f"mean < {t['target']}  {test}"]
+    out += render_acceptance(s["acceptance"], fmt(s["val_loss"]["mean"], ".4f"))
     for i, timing in enumerate(s["train_time"]):
         out.append(f"{'train time' if i == 0 else '':<12} mean {fmt(timing['mean_s'], '.4f')} s  "
                    f"std {fmt(timing['std_s'], '.4f')} s  ({timing['n']}: {timing['label']})")
@@ -477,6 +644,67 @@ def render_summary(s: dict) -> str:
         out.append(f"peak memory  {s['peak_memory_mib']['allocated']} MiB allocated, "
                    f"{s['peak_memory_mib']['reserved']} MiB reserved")
     return "\n".join(out)
+
+
+def verdict(figure: dict, yes: str, no: str) -> str:
+    """A track figure against the margin, with the z-score and one-sided p-value it stands for."""
+    if math.isnan(figure["figure"]):
+        return "n/a"
+    return (f"{figure['figure']:+.5f} {'>=' if figure['figure'] >= figure['margin'] else '<'} {figure['margin']}: "
+            f"{yes if figure['figure'] >= figure['margin'] else no}  (z = {figure['z']:.2f} at sigma "
+            f"{figure['sigma']}, p = {figure['p']:.2g})")
+
+
+def noise_note(figure: dict) -> list[str]:
+    """A line where the runs' loss std is well above the track's sigma: the track's figures then mean little."""
+    std = figure["loss_std"]
+    if math.isnan(std) or std <= 3 * figure["sigma"]:
+        return []
+    return [f"{'':<12} (the loss std here is {std:.4f}, {std / figure['sigma']:.0f} x the track's sigma: its figures "
+            "assume the record's noise)"]
+
+
+def render_acceptance(a: dict, mean: str) -> list[str]:
+    out = [f"track rule   ({a['target']} - {mean}) x sqrt({a['n']}) = {verdict(a, 'passes', 'does not pass')}"]
+    if a["shared_steps"]:
+        step = a["earliest_step"]
+        first = f"step {step['step']} (mean {step['val_loss']:.4f}, {step['figure']:+.5f})" if step else "none"
+        out.append(f"{'':<12} earliest step passing: {first}, of the {a['shared_steps']} steps every run validated at")
+    return out + noise_note(a)
+
+
+def render_paired(p: dict | None) -> list[str]:
+    if p is None:
+        return ["paired       no seed in both sets: Welch's test only"]
+    out = [f"paired       by seed, runs - baseline, {plural(len(p['seeds']), 'pair')} "
+           f"(seeds {', '.join(map(str, p['seeds']))})"]
+    for key, label, unit, spec in (("final_val_loss", "final loss", "", "+.4f"),
+                                   ("train_time_s", "train time", " s", "+.3f")):
+        t = p[key]
+        if math.isnan(t["p"]):
+            out.append(f"  {label:<10} mean {fmt(t['mean'], spec)}{unit}  (the paired t-test needs 2 pairs with "
+                       "different differences)")
+            continue
+        low, high = t["ci95"]
+        out.append(f"  {label:<10} mean {t['mean']:{spec}}{unit}  95% CI [{low:{spec}}, {high:{spec}}]{unit}  "
+                   f"t = {t['t']:.3f}, {t['df']:.0f} df, p = {t['p']:.4f} (two-sided)")
+    for side in ("runs", "baseline"):
+        if p["unpaired"][side]:
+            seeds = p["unpaired"][side]
+            whose = "runs'" if side == "runs" else "baseline's"
+            out.append(f"  left out, without a partner: the {whose} {'seeds' if len(seeds) > 1 else 'seed'} "
+                       f"{', '.join(map(str, seeds))}")
+        for r in p["repeated"][side]:
+            out.append(f"  seed {r['seed']}: {r['runs']} runs in the {side}, taken as their mean")
+    return out
+
+
+def render_track(t: dict) -> list[str]:
+    steps = t["step_diff"]
+    steps_part = "n/a" if math.isnan(steps) else f"{'-' if steps < 0 else '+'} {abs(steps):g}"
+    return [f"track rule   ({fmt(t['final_loss_diff'], '+.4f')} {steps_part} steps / 100 x {t['rate']}) / "
+            f"sqrt(1/{t['n_runs']} + 1/{t['n_baseline']}) = {verdict(t, 'runs better', 'not better')}",
+            f"{'':<12} (loss and steps: baseline minus runs; {t['rate']} of loss for 100 steps)"] + noise_note(t)
 
 
 def render_diff(d: dict) -> str:
@@ -501,12 +729,27 @@ def render_diff(d: dict) -> str:
     test = (f"Welch t = {w['t']:.3f}, {w['df']:.1f} df, p = {w['p']:.4f} (two-sided)" if not math.isnan(w["p"])
             else "Welch's t-test needs at least 2 runs in each set and some spread")
     out += [f"final loss   runs {fmt(f['runs'], '.4f')}  baseline {fmt(f['baseline'], '.4f')}  "
-            f"diff {fmt(f['diff'], '+.4f')}  {test}", ""]
+            f"diff {fmt(f['diff'], '+.4f')}  {test}"]
+    out += render_paired(d["paired"]) + render_track(d["track"]) + [""]
     rows = [[f"{t['runs_timing']} ({t['runs_n']})", f"{t['baseline_timing']} ({t['baseline_n']})",
              f"{t['runs_s']:.4f}", f"{t['baseline_s']:.4f}", f"{t['diff_s']:+.4f}", f"{t['diff_percent']:+.2f}%"]
             for t in d["train_time"]]
     out.append(table(["runs timing", "baseline timing", "runs (s)", "baseline (s)", "diff (s)", "diff"], rows))
+    out += render_analysis_diff(d["analysis"])
     return "\n".join(out)
+
+
+def render_analysis_diff(a: dict) -> list[str]:
+    """The weight figures' table; nothing where neither side has any."""
+    if not a["final"]:
+        return []
+    def value(x, spec=".4g"):
+        return "n/a" if x is None else format(x, spec)
+    rows = [[r["figure"], value(r["runs"]), str(r["runs_n"]), value(r["baseline"]), str(r["baseline_n"]),
+             value(r["ratio"], ".3f")] for r in a["final"]]
+    out = ["", "weights at the final validation (mean over runs)",
+           table(["figure", "runs", "n", "baseline", "n", "runs / baseline"], rows)]
+    return out + ([a["note"]] if a["note"] else [])
 
 
 def to_json(report: dict) -> str:
@@ -543,62 +786,120 @@ def write_atomically(path: Path, write) -> None:
         raise
 
 
-def loss_range(losses: list[float]) -> tuple[float, float]:
+def loss_range(losses: list[float], target: float = TARGET_LOSS) -> tuple[float, float]:
     """Axis limits around the losses, stretched to show the target line when it is near."""
     low, high = min(losses), max(losses)
-    if low < TARGET_LOSS + 0.2:
-        low, high = min(low, TARGET_LOSS), max(high, TARGET_LOSS)
+    if low < target + 0.2:
+        low, high = min(low, target), max(high, target)
     margin = 0.05 * (high - low) or 0.01
     return low - margin, high + margin
 
 
-def draw_runs(ax, sets: list[RunSet]) -> None:
+def value_range(values: list[float]) -> tuple[float, float]:
+    low, high = min(values), max(values)
+    margin = 0.05 * (high - low) or 0.05 * abs(high) or 0.01
+    return low - margin, high + margin
+
+
+def analysis_series(run: Run, metric: str) -> list | None:
+    """The series METRIC:NAME of a run's analysis, NAME a group or a part; None where the run lacks it."""
+    kind, _, name = metric.partition(":")
+    if run.analysis is None or kind not in ANALYSIS_METRICS:
+        return None
+    for section in ("groups", "params"):
+        if kind in run.analysis[section].get(name, {}):
+            return run.analysis[section][name][kind]
+    return None
+
+
+def run_points(run: Run, metric: str) -> list[tuple[int, float]]:
+    """(step, value) of a run's curve of `metric`: its validation losses (the final one alone where only it is
+    published), or an analysis series with undefined values as nan (gaps); [] where the run lacks it."""
+    if metric == VAL_LOSS:
+        return [(p.step, p.val_loss) for p in (run.val or [run.final])]
+    series = analysis_series(run, metric) or []
+    return [(step, math.nan if v is None else v) for step, v in zip(run.analysis["steps"], series)] if series else []
+
+
+def metric_label(metric: str) -> str:
+    if metric == VAL_LOSS:
+        return "validation loss"
+    kind, _, name = metric.partition(":")
+    return f"{METRIC_LABELS[kind]}, {name}"
+
+
+def check_metric(sets: list[RunSet], metric: str) -> list[str]:
+    """Refuse a metric no run has, naming those the runs have; one warning line per set with runs that lack it."""
+    if metric == VAL_LOSS:
+        return []
+    runs = [r for s in sets for r in s.runs]
+    if not any(run_points(r, metric) for r in runs):
+        groups = dict.fromkeys(g for r in runs if r.analysis for g in r.analysis["groups"])
+        names = [f"{kind}:{g}" for kind in ANALYSIS_METRICS for g in groups
+                 if any(analysis_series(r, f"{kind}:{g}") for r in runs)]
+        if not names:
+            raise RecordError(f"--metric {metric}: no run here has weight figures: they are in the .json records of "
+                              f"train_gpt.py runs with --analysis=on (the default); use --metric {VAL_LOSS}")
+        raise RecordError(f"--metric {metric}: no run has it; choose {VAL_LOSS} or one of {', '.join(names)} "
+                          "(or METRIC:PART for a part of the record's analysis, e.g. mean_square:blocks.1.mlp.fc)")
+    lines = []
+    for s in sets:
+        lacking = sum(not run_points(r, metric) for r in s.runs)
+        if lacking:
+            lines.append(f"warning: {plural(lacking, 'run')} of {s.name} without {metric}, not drawn")
+    return lines
+
+
+def draw_runs(ax, sets: list[RunSet], metric: str = VAL_LOSS) -> None:
     """Each run's curve in its set's colour; unfinished runs dashed, runs with only a final loss as dots."""
     for i, runset in enumerate(sets):
         for run in runset.runs:
-            points = run.val or [run.final]
-            ax.plot([p.step for p in points], [p.val_loss for p in points], color=f"C{i % 10}",
+            points = run_points(run, metric)
+            ax.plot([step for step, _ in points], [value for _, value in points], color=f"C{i % 10}",
                     linestyle="--" if run.incomplete else "-", marker="o" if len(points) == 1 else None,
                     linewidth=1.2, markersize=4, alpha=0.7)
     ax.grid(alpha=0.3)
 
 
-def figure(sets: list[RunSet]):
-    """Validation loss against step: whole curves from step 0 on the left, the last third of the steps on the
-    right, each scaled to what it shows; the target line only where it falls inside a panel."""
+def figure(sets: list[RunSet], metric: str = VAL_LOSS, target: float = TARGET_LOSS):
+    """`metric` (the validation loss, or METRIC:NAME of the records' analysis) against step: whole curves from step 0
+    on the left, the last third of the steps on the right, each scaled to what it shows; for the validation loss the
+    target line only where it falls inside a panel."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
     fig = Figure(figsize=(12, 5.5), dpi=100, layout="constrained")
-    points = [p for s in sets for r in s.runs for p in (r.val or [r.final])]
-    end = max(max(p.step for p in points), 1)
+    points = [p for s in sets for r in s.runs for p in run_points(r, metric)]
+    end = max(max(step for step, _ in points), 1)
     start = 2 * end / 3
     full, last = fig.subplots(1, 2)
     target_shown = False
     for ax, left, title in ((full, 0, "whole run"), (last, start, "last third")):
-        draw_runs(ax, sets)
+        draw_runs(ax, sets, metric)
         ax.set_xlim(left - 0.02 * end, 1.02 * end)
-        ax.set_ylim(*loss_range([p.val_loss for p in points if p.step >= left]))
+        shown = [value for step, value in points if step >= left and not math.isnan(value)]
+        if shown:
+            ax.set_ylim(*(loss_range(shown, target) if metric == VAL_LOSS else value_range(shown)))
         low, high = ax.get_ylim()
-        if low <= TARGET_LOSS <= high:
-            ax.axhline(TARGET_LOSS, color="black", linestyle=":", linewidth=1)
+        if metric == VAL_LOSS and low <= target <= high:
+            ax.axhline(target, color="black", linestyle=":", linewidth=1)
             target_shown = True
         ax.set_title(title)
         ax.set_xlabel("step")
-    full.set_ylabel("validation loss")
-    handles = [Line2D([], [], color=f"C{i % 10}", label=f"{s.name} ({plural(len(s.runs), 'run')})")
-               for i, s in enumerate(sets)]
+    full.set_ylabel(metric_label(metric))
+    drawn = [(i, s, sum(bool(run_points(r, metric)) for r in s.runs)) for i, s in enumerate(sets)]
+    handles = [Line2D([], [], color=f"C{i % 10}", label=f"{s.name} ({plural(n, 'run')})") for i, s, n in drawn if n]
     if target_shown:
-        handles.append(Line2D([], [], color="black", linestyle=":", label=f"target {TARGET_LOSS}"))
+        handles.append(Line2D([], [], color="black", linestyle=":", label=f"target {target}"))
     if any(r.incomplete for s in sets for r in s.runs):
         handles.append(Line2D([], [], color="gray", linestyle="--", label="unfinished run"))
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles))
-    fig.suptitle("validation loss" + (f", baseline {sets[-1].name}" if len(sets) > 1 else ""))
+    fig.suptitle(metric_label(metric) + (f", baseline {sets[-1].name}" if len(sets) > 1 else ""))
     return fig
 
 
-def plot(sets: list[RunSet], out: Path) -> None:
-    fig = figure(sets)
+def plot(sets: list[RunSet], out: Path, metric: str = VAL_LOSS, target: float = TARGET_LOSS) -> None:
+    fig = figure(sets, metric, target)
     formats = fig.canvas.get_supported_filetypes()
     if out.suffix[1:] not in formats:
         raise RecordError(f"{out}: cannot write a {out.suffix or 'suffix-less'} image; end the name with "
@@ -631,8 +932,9 @@ def write_record(runset: RunSet, name: str) -> Path:
         figures["peak_memory_mib"] = {"allocated": max(p[0] for p in peaks), "reserved": max(p[1] for p in peaks)}
     if first.config is not None:
         figures["config"] = first.config
-    figures["runs"] = [{"source": r.source.name, "final_val_loss": r.final.val_loss,
-                        "train_time_s": r.final.train_time_ms / 1000, "val": [vars(p) for p in r.val]} for r in runs]
+    figures["runs"] = [{"source": r.source.name, **({} if r.seed is None else {"seed": r.seed}),
+                        "final_val_loss": r.final.val_loss, "train_time_s": r.final.train_time_ms / 1000,
+                        "val": [vars(p) for p in r.val]} for r in runs]
     summary = render_summary(summarise(RunSet(name, runs, [])))
     readme = (f"# {name}\n\nA baseline of {plural(len(runs), 'finished run')} on {hardware}, written by "
               f"`python records/compare.py record` from {', '.join(r.source.name for r in runs)}.\n\n"
@@ -660,6 +962,16 @@ def write_folder_atomically(folder: Path, files: dict[str, str]) -> None:
 # -----------------------------------------------------------------------------
 # Command line
 
+def finite_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number, e.g. 3.28")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python records/compare.py", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -686,25 +998,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     summary = add("summary", "statistics of one set of runs",
                   "Statistics of the RUNs taken as one set: per-run final validation loss and time, loss mean "
-                  f"and sample std, the one-sided one-sample t-test that the mean is below {TARGET_LOSS}, "
-                  "training time mean and std, step count and ms per step.")
+                  "and sample std, the one-sided one-sample t-test that the mean is below the target, the "
+                  f"optimization track's acceptance figure (target - mean) x sqrt(n) against {TRACK_MARGIN} and the "
+                  "earliest validated step at which the runs' mean passes it, training time mean and std, step "
+                  "count and ms per step.")
     diffing = add("diff", "compare a set of runs with a baseline",
                   "Compare the RUNs with a baseline: mean loss of each at every validation step both have, the "
-                  "final loss difference with Welch's t-test, the training time difference, and the step "
-                  f"(interpolated) at which each mean curve first reaches {TARGET_LOSS}.")
+                  "final loss difference with Welch's t-test, the paired t-tests of final loss and training time "
+                  "over the seeds both sets ran, the optimization track's figure for the runs beating the "
+                  f"baseline against {TRACK_MARGIN}, the training time difference, and the step (interpolated) at "
+                  "which each mean curve first reaches the target.")
     diffing.add_argument("--baseline", required=True, metavar="NAME_OR_PATH",
                          help="the runs to compare against, as a RUN: record43, record42, a record of your own or a path")
+    diffing.add_argument("--loss-per-100-steps", type=finite_number, default=LOSS_PER_100_STEPS, metavar="RATE",
+                         help="the loss that 100 steps are worth in the track's figure (default: %(default)s, "
+                              "measured on the track's baseline)")
     for sub in (summary, diffing):
         add_allow_incomplete(sub)
         sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    plotting = add("plot", "plot validation loss against step",
-                   "Plot the validation loss of the RUNs (and the baseline) against step: the whole curves, and "
-                   f"the last third of the steps near {TARGET_LOSS}. Unfinished runs are drawn dashed; runs with "
-                   "only a published final loss as dots.")
+    plotting = add("plot", "plot validation loss (or a weight figure) against step",
+                   "Plot the validation loss of the RUNs (and the baseline) against step, or with --metric a weight "
+                   "figure of their analysis: the whole curves, and the last third of the steps (for the loss, near "
+                   "the target). Unfinished runs are drawn dashed; runs with only a published final loss as dots.")
     plotting.add_argument("--baseline", metavar="NAME_OR_PATH",
                           help="runs to draw in a second colour, as a RUN: record43, record42 or a path")
     plotting.add_argument("-o", "--output", required=True, metavar="FILE.png", help="image to write (.png, .svg, .pdf)")
+    plotting.add_argument("--metric", default=VAL_LOSS, metavar="NAME",
+                          help=f"what to draw: {VAL_LOSS} (the default), or a weight figure of the records' "
+                               f"analysis as METRIC:GROUP with METRIC one of {', '.join(ANALYSIS_METRICS)} and GROUP "
+                               "e.g. attn, mlp, mlp_in, attn_o, embed (or a part: mean_square:blocks.1.mlp.fc)")
     add_allow_incomplete(plotting)
+    for sub in (summary, diffing, plotting):
+        sub.add_argument("--target", type=finite_number, default=TARGET_LOSS, metavar="LOSS",
+                         help="the validation loss to reach, in every figure, p-value and line (default: %(default)s, "
+                              "the speedrun's; e.g. about 4.7 for the tiny preset's runs)")
     recording = add("record", "write records/NAME from finished runs, a baseline of your own",
                     "Write records/NAME/ (figures.json, and a README with the runs table, mean, std and p-value) "
                     "from the finished RUNs, which must share one setup and machine; then "
@@ -726,15 +1053,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "plot":
             sets = [runs] + ([baseline] if baseline else [])
-            for line in setup_warnings(sets):
+            for line in setup_warnings(sets) + check_metric(sets, args.metric):
                 print(line, file=sys.stderr)
-            plot(sets, Path(args.output))
+            plot(sets, Path(args.output), args.metric, args.target)
             print(f"wrote {args.output}")
             return 0
         if args.command == "summary":
-            report, render = summarise(runs), render_summary
+            report, render = summarise(runs, args.target), render_summary
         else:
-            report, render = diff(runs, baseline), render_diff
+            report, render = diff(runs, baseline, args.target, args.loss_per_100_steps), render_diff
     except RecordError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 import train_gpt as tg
-from test_numerics import (ADAM_GROUP_WD, NORMUON_TOLERANCE, POLAR_TOLERANCE, STEPS, adam_group_case,
-                           adam_group_optimizer, adam_group_reference, graphs_after_each_step, graphs_made,
-                           normuon_update_errors, polar_reference, relative_error, run_adam_group)
+from test_numerics import (ADAM_BETAS, ADAM_EPS, ADAM_GROUP_LRS, ADAM_GROUP_WD, BETA2, LR, NORMUON_TOLERANCE,
+                           POLAR_TOLERANCE, STEPS, WEIGHT_DECAY, adam_group_case, adam_group_optimizer,
+                           adam_group_reference, graphs_after_each_step, graphs_made, make_muon_params,
+                           normuon_update_errors, polar_reference, relative_error, run_adam_group, set_grads)
 from test_numerics import process_group  # noqa: F401 (a fixture, requested by name)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -173,6 +174,49 @@ def test_compiled_adam_group_on_the_gpu_matches_reference_and_compiles_once(proc
             error = relative_error(w.cpu() - w0, ref - w0.double())
             assert error < 2e-5, f"step {step}, {tuple(w.shape)}: update error {error:.2e}"
     assert graphs[-1] == graphs[0], graphs
+
+
+def decay_counts_against_signs(device) -> tuple[int, int]:
+    """(miscounted coordinates, coordinates) of the mask counts that compiled NorMuon and Adam steps make on `device`.
+    NorMuon's normalised update does not depend on the weights, so a step without decay from the same state shows
+    its signs; Adam's first update has the sign of the gradient."""
+    def normuon_step(mode: str, count: bool):
+        groups = [g for g in make_muon_params(seed=9, device=device) if g[0].dtype == torch.float32]
+        set_grads(groups, seed=10)
+        before = [p.detach().clone() for group in groups for p in group]
+        opt = tg.NorMuon([dict(params=g) for g in groups], lr=LR, weight_decay=WEIGHT_DECAY, weight_decay_mode=mode,
+                         momentum=0.95, beta2=BETA2, count_decayed=count)
+        opt.step()
+        return opt, [p.detach() for group in groups for p in group], before
+    counting, _, before = normuon_step("cautious", True)
+    _, without_decay, _ = normuon_step("none", False)
+    counted = [counting.decayed[run[0]] for group in counting.param_groups for run in counting.my_runs(group)]
+    params = [p for group in counting.param_groups for p in group["params"]]
+    expected = [((w0 - plain) * w0 >= 0).view(getattr(p, "matrices", 1), -1).sum(-1)
+                for p, w0, plain in zip(params, before, without_decay)]
+    miscounted = (torch.cat(counted) - torch.cat(expected)).abs().sum().item()
+    coordinates = sum(p.numel() for p in params)
+
+    params, grads = adam_group_case(seed=11, device=device)
+    adam = tg.DistAdam(params, lr=ADAM_GROUP_LRS[0], betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=ADAM_GROUP_WD,
+                       count_decayed=True)
+    before = [p.detach().clone() for p in params]
+    for p, g in zip(params, grads[0]):
+        p.grad = g.to(device)
+    adam.step()
+    for p, w0, g in zip(params, before, grads[0]):
+        if p.wd_mul:
+            miscounted += abs(adam.decayed[p].item() - (g.to(device) * w0 >= 0).sum().item())
+            coordinates += p.numel()
+    assert set(adam.decayed) == {p for p in params if p.wd_mul}
+    return miscounted, coordinates
+
+
+def test_the_compiled_optimizer_steps_count_the_coordinates_they_decay(process_group):
+    """A sign can differ between the two NorMuon graphs only where the update is within a rounding of zero."""
+    torch._dynamo.reset()
+    miscounted, coordinates = decay_counts_against_signs(torch.device("cuda"))
+    assert coordinates > 2000 and miscounted <= 1e-3 * coordinates, (miscounted, coordinates)
 
 
 def test_compiled_tiny_model_matches_eager_on_the_gpu():
