@@ -19,6 +19,10 @@ print(*(name for name in sys.argv[1:] if not found(name)))
 PY
 }
 
+# The scripts' python and torchrun, after ensure_env: those of the interpreter it chose, whatever comes first on PATH
+python() { "$PY" "$@"; }
+torchrun() { "$PY" -m torch.distributed.run "$@"; }
+
 # has_modules MODULE...: $PY finds every MODULE
 has_modules() { [ -z "$(lacking "$PY" "$@")" ]; }
 

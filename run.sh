@@ -51,7 +51,7 @@ each_seed() {
 ab_pairs() {
     local plan lines line role seed folder record flags=() extra i=0 rc
     local -A folders  # of each role
-    plan=$("$PY" records/ab.py plan --runs="$runs" --flags="${ab[0]}" -- "$@" "${args[@]}") || exit
+    plan=$(python records/ab.py plan --runs="$runs" --flags="${ab[0]}" -- "$@" "${args[@]}") || exit
     mapfile -t lines <<< "$plan"
     read -ra flags <<< "${ab[0]}"
     for line in "${lines[@]}"; do
@@ -71,7 +71,7 @@ ab_pairs() {
             exit "$rc"
         }
     done
-    "$PY" records/compare.py diff "${folders[candidate]}" --baseline "${folders[baseline]}"
+    python records/compare.py diff "${folders[candidate]}" --baseline "${folders[baseline]}"
 }
 
 # the preset the arguments ask for (the last --preset wins, as in train_gpt.py); empty: none asked for
@@ -93,8 +93,8 @@ if ! nvidia-smi -L >/dev/null 2>&1; then
     ensure_env torch numpy
     # The tiny model's matrices are too small to gain from threads, and on small VMs idle threads cost ~10x.
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-    "$PY" data/synthetic.py --vocab_size 1024 --out data/synthetic
-    each_seed "$PY" train_gpt.py --preset=tiny
+    python data/synthetic.py --vocab_size 1024 --out data/synthetic
+    each_seed python train_gpt.py --preset=tiny
     exit
 fi
 
@@ -119,7 +119,7 @@ if nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | grep -Eq
     fi
 fi
 if [[ " ${needed[*]} " == *" huggingface_hub "* ]]; then
-    "$PY" data/cached_fineweb10B.py "$train_shards" --dir "$data" || fail "the FineWeb shards could not be had (see above)"
+    python data/cached_fineweb10B.py "$train_shards" --dir "$data" || fail "the FineWeb shards could not be had (see above)"
 fi
 if [ "${NNODES:-1}" -gt 1 ]; then
     launch=(--nnodes="$NNODES" --node_rank="${NODE_RANK:?set NODE_RANK}" --master_addr="${MASTER_ADDR:?set MASTER_ADDR}"
@@ -127,6 +127,5 @@ if [ "${NNODES:-1}" -gt 1 ]; then
 else
     launch=(--standalone)
 fi
-# torchrun of the same Python, whatever torchrun comes first on PATH
-each_seed "$PY" -m torch.distributed.run "${launch[@]}" --nproc_per_node="$gpus" train_gpt.py \
+each_seed torchrun "${launch[@]}" --nproc_per_node="$gpus" train_gpt.py \
     --train_files="$data/fineweb_train_*.bin" --val_files="$data/fineweb_val_*.bin"
