@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job. With NVIDIA GPUs: the record (record43 unless --preset says otherwise) under torchrun on every GPU
 # of this node, downloading the FineWeb shards first when they are missing. Without a GPU: the tiny preset on
-# synthetic shards on the CPU. Extra arguments go to train_gpt.py, e.g. ./run.sh --preset=record42
+# synthetic shards on the CPU (a record preset is refused there). Extra arguments go to train_gpt.py, e.g.
+# ./run.sh --preset=record42
 # --runs=N: N runs one after another with seeds 0 .. N-1 (a baseline for records/compare.py record).
 # --ab="FLAGS" --runs=N: an A/B comparison, N pairs of runs alternating baseline and candidate (the arguments plus
 # FLAGS), seed by seed, into <log_dir>/a and <log_dir>/b, then the diff of b against a; run again, it goes on with the
@@ -73,7 +74,21 @@ ab_pairs() {
     python records/compare.py diff "${folders[candidate]}" --baseline "${folders[baseline]}"
 }
 
+# the preset the arguments ask for (the last --preset wins, as in train_gpt.py); empty: none asked for
+preset=""
+for ((i = 0; i < ${#args[@]}; i++)); do
+    case "${args[i]}" in
+        --preset=*) preset="${args[i]#--preset=}" ;;
+        --preset) preset="${args[i + 1]-}" ;;
+    esac
+done
+
 if ! nvidia-smi -L >/dev/null 2>&1; then
+    if [ -n "$preset" ] && [ "$preset" != tiny ]; then
+        echo "error: --preset=$preset is a GPU run, and no NVIDIA GPU is visible here (nvidia-smi lists none); on" \
+             "this CPU, ./run.sh without --preset runs the tiny preset (a few minutes)" >&2
+        exit 2
+    fi
     echo "No NVIDIA GPU found: running the tiny preset on synthetic shards on the CPU (a few minutes)."
     ensure_env torch numpy
     # The tiny model's matrices are too small to gain from threads, and on small VMs idle threads cost ~10x.
@@ -83,20 +98,29 @@ if ! nvidia-smi -L >/dev/null 2>&1; then
     exit
 fi
 
-ensure_env torch numpy
-command -v torchrun >/dev/null || fail "torchrun not found in .venv; reinstall torch (pip install torch)"
-# Hopper and Blackwell: FlashAttention-4 kernels; train_gpt.py checks them against varlen_attn before using them.
-if nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | grep -Eq '^(9|10)\.' && ! has_modules flash_attn.cute; then
-    pip install -q -r requirements-gpu.txt ||
-        echo "warning: could not install requirements-gpu.txt (flash-attn-4); attention runs on varlen_attn" >&2
-fi
+gpus=$(nvidia-smi -L | wc -l)
 data="${DATA_PATH:-.}/data/fineweb10B"
 train_shards=9  # enough for a record run
+needed=(torch numpy)
 if [ ! -f "$data/fineweb_val_000000.bin" ] || [ ! -f "$data/fineweb_train_$(printf %06d $train_shards).bin" ]; then
-    ensure_env huggingface_hub
+    needed+=(huggingface_hub)
+fi
+echo "$gpus NVIDIA GPU(s) found: running ${preset:-record43} under torchrun on them, with the FineWeb shards in $data."
+ensure_env "${needed[@]}"
+# Hopper and Blackwell: FlashAttention-4 kernels; train_gpt.py checks them against varlen_attn before using them.
+# Installed into .venv where that is in use; python3 used as it is stays as it is.
+if nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | grep -Eq '^(9|10)\.' && ! has_modules flash_attn.cute; then
+    if [ "$PY" = python3 ]; then
+        echo "note: python3 ($(command -v python3)) has no flash-attn-4, so attention runs on varlen_attn;" \
+             "python3 -m pip install -r requirements-gpu.txt adds it" >&2
+    else
+        venv_install -r requirements-gpu.txt || echo "warning: could not install requirements-gpu.txt (flash-attn-4;" \
+            "pip's output: .venv/pip.log); attention runs on varlen_attn" >&2
+    fi
+fi
+if [[ " ${needed[*]} " == *" huggingface_hub "* ]]; then
     python data/cached_fineweb10B.py "$train_shards" --dir "$data" || fail "the FineWeb shards could not be had (see above)"
 fi
-gpus=$(nvidia-smi -L | wc -l)
 if [ "${NNODES:-1}" -gt 1 ]; then
     launch=(--nnodes="$NNODES" --node_rank="${NODE_RANK:?set NODE_RANK}" --master_addr="${MASTER_ADDR:?set MASTER_ADDR}"
             --master_port="${MASTER_PORT:-29500}")

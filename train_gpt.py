@@ -1642,12 +1642,14 @@ def recompile_reason(compile_id: str) -> str:
     return reason.strip().splitlines()[0] if reason else "none, it is the model's first compile"
 
 
+@contextlib.contextmanager
 def persist_compiled_kernels(cfg: Config):
-    """Point inductor's and Triton's caches at one lasting folder, so the next run of the same configuration
-    loads its kernels instead of compiling them; or switch the caches off."""
+    """While the run lasts, inductor's, Triton's and flash-attn-4's caches in one lasting folder, so that the next run
+    of the same configuration loads its kernels instead of compiling them; or the caches off."""
     if cfg.compile_cache == "off":
         import torch._inductor.config  # loaded only where something compiles
-        torch._inductor.config.force_disable_caches = True
+        with torch._inductor.config.patch(force_disable_caches=True):
+            yield
         return
     folder = Path(__file__).resolve().parent / ".compile_cache" if cfg.compile_cache == "auto" else Path(cfg.compile_cache)
     try:
@@ -1655,11 +1657,26 @@ def persist_compiled_kernels(cfg: Config):
     except OSError as e:
         raise ConfigError(f"--compile_cache={cfg.compile_cache}: cannot create {folder} ({e.strerror}); "
                           "point it at a writable folder or use --compile_cache=off")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")
-    os.environ["TRITON_CACHE_DIR"] = str(folder / "triton")
-    # read when flash-attn-4 loads, which choose_attention does after this
-    os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] = "1"
-    os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] = str(folder / "flash_attn_4")
+    # FLASH_ATTENTION_*: read when flash-attn-4 loads, which choose_attention does after this
+    with environment_variables(TORCHINDUCTOR_CACHE_DIR=str(folder / "inductor"), TRITON_CACHE_DIR=str(folder / "triton"),
+                               FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED="1",
+                               FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=str(folder / "flash_attn_4")):
+        yield
+
+
+@contextlib.contextmanager
+def environment_variables(**values: str):
+    """os.environ with `values` set, as it was again on exit."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def smaller_micro_batch(cfg: Config, world: int) -> int | None:
@@ -1723,10 +1740,11 @@ class Inputs(NamedTuple):
     attention: AttentionChoice
 
 
-def check_inputs(cfg: Config, rank: int, world: int, device) -> Inputs:
+def check_inputs(cfg: Config, rank: int, world: int, device, settings: contextlib.ExitStack) -> Inputs:
     """Everything that can be checked before the first step, so that a bad input stops the run before it has a
     record: the batch split, the shards' headers, the first training shard's tokens, the validation data, the
-    HellaSwag file, the folders rank 0 writes to, the compile cache and the attention kernel."""
+    HellaSwag file, the folders rank 0 writes to, the compile cache (set for the run in `settings`) and the
+    attention kernel."""
     grad_accum, micro_tokens = batch_split(cfg, world)
     train_files = list_shards(cfg.train_files, "train_files")
     check_first_shard(train_files[0], cfg)
@@ -1735,7 +1753,7 @@ def check_inputs(cfg: Config, rank: int, world: int, device) -> Inputs:
     if rank == 0:
         check_output_folders(cfg)
     if compiles(cfg, device):
-        persist_compiled_kernels(cfg)
+        settings.enter_context(persist_compiled_kernels(cfg))
     return Inputs(grad_accum, micro_tokens, train_files, val_data, hellaswag, choose_attention(cfg, device))
 
 
@@ -1911,14 +1929,15 @@ def stop_on_signal(signum, frame):
 
 def main(argv=None) -> int:
     started = time.perf_counter()
+    settings = contextlib.ExitStack()  # what the run sets for its whole process, undone when main returns
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, stop_on_signal)
+        settings.callback(signal.signal, signum, signal.signal(signum, stop_on_signal))
     rank, log = int(os.environ.get("RANK", 0)), None
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
         device, rank, world = setup_device(cfg)
         resume = agreed(lambda: find_resume(cfg, device, world))
-        inputs = agreed(lambda: check_inputs(cfg, rank, world, device))
+        inputs = agreed(lambda: check_inputs(cfg, rank, world, device, settings))
         log = RunLog(cfg, rank, world, device, resume)
         train(cfg, device, rank, world, inputs, log, started, resume)
         return 0
@@ -1942,6 +1961,7 @@ def main(argv=None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        settings.close()
 
 
 # -----------------------------------------------------------------------------

@@ -26,7 +26,7 @@ def listing(folder: Path) -> list[str]:
 
 def run_script(name: str, *args: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO_ROOT / "data" / name), *args], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=60)
+                          env={**os.environ, **env}, timeout=300)
 
 
 # -----------------------------------------------------------------------------

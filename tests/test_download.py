@@ -123,15 +123,16 @@ def hub_env(hub: HubStandIn, folder: Path) -> dict[str, str]:
     """The environment of a process whose huggingface_hub talks to `hub` only."""
     env = {key: value for key, value in os.environ.items()
            if key.upper() not in {"HF_TOKEN", "DATA_PATH", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"}}
+    # The stand-in answers at once; the timeouts only bound a wait for one that a busy machine starves.
     env.update(HF_ENDPOINT=hub.url, HF_HOME=str(folder.parent / "hf_home"), HF_HUB_DISABLE_XET="1",
-               HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DOWNLOAD_TIMEOUT="2", HF_HUB_DISABLE_TELEMETRY="1",
+               HF_HUB_ETAG_TIMEOUT="30", HF_HUB_DOWNLOAD_TIMEOUT="30", HF_HUB_DISABLE_TELEMETRY="1",
                NO_PROXY="127.0.0.1")
     return env
 
 
 def run_downloader(hub: HubStandIn, folder: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *args, "--dir", str(folder)], cwd=REPO_ROOT,
-                          env=hub_env(hub, folder), capture_output=True, text=True, timeout=60)
+                          env=hub_env(hub, folder), capture_output=True, text=True, timeout=300)
 
 
 def listing(folder: Path) -> list[str]:

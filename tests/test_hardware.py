@@ -109,32 +109,42 @@ def test_out_of_memory_names_the_flag_and_a_value_that_needs_less(monkeypatch):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
 
-def test_compiled_kernels_persist_in_the_cache_folder(tmp_path, monkeypatch):
-    """A real inductor compile on the CPU writes its artifacts under --compile_cache."""
-    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED",
-                 "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"):
+CACHE_VARIABLES = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED",
+                   "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR")
+
+
+def test_compiled_kernels_persist_in_the_cache_folder_while_the_run_lasts(tmp_path, monkeypatch):
+    """A real inductor compile on the CPU writes its artifacts under --compile_cache; afterwards the process's
+    environment is as it was."""
+    for name in CACHE_VARIABLES:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/somewhere/else")
     cache = tmp_path / "cache"
-    tg.persist_compiled_kernels(tg.parse_config([f"--compile_cache={cache}"]))
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache / "inductor")
-    assert os.environ["TRITON_CACHE_DIR"] == str(cache / "triton")
-    # flash-attn-4 reads these when it loads, after this call
-    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "1"
-    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == str(cache / "flash_attn_4")
-    torch._dynamo.reset()
-    try:
-        torch.compile(lambda x: (x * 3).sin() + 1, dynamic=False)(torch.randn(8))
-    finally:
+    with tg.persist_compiled_kernels(tg.parse_config([f"--compile_cache={cache}"])):
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache / "inductor")
+        assert os.environ["TRITON_CACHE_DIR"] == str(cache / "triton")
+        # flash-attn-4 reads these when it loads, after this call
+        assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "1"
+        assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == str(cache / "flash_attn_4")
         torch._dynamo.reset()
+        try:
+            torch.compile(lambda x: (x * 3).sin() + 1, dynamic=False)(torch.randn(8))
+        finally:
+            torch._dynamo.reset()
     assert any(path.is_file() for path in (cache / "inductor").rglob("*"))
+    assert {name: os.environ.get(name) for name in CACHE_VARIABLES} == {
+        "TORCHINDUCTOR_CACHE_DIR": None, "TRITON_CACHE_DIR": "/somewhere/else",
+        "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED": None, "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR": None}
 
 
-def test_compile_cache_off_and_an_unwritable_folder(tmp_path, monkeypatch):
+def test_compile_cache_off_while_the_run_lasts_and_an_unwritable_folder(tmp_path):
     import torch._inductor.config as inductor_config
-    monkeypatch.setattr(inductor_config, "force_disable_caches", False)
-    tg.persist_compiled_kernels(tg.parse_config(["--compile_cache=off"]))
-    assert inductor_config.force_disable_caches
+    with inductor_config.patch(force_disable_caches=False):
+        with tg.persist_compiled_kernels(tg.parse_config(["--compile_cache=off"])):
+            assert inductor_config.force_disable_caches
+        assert not inductor_config.force_disable_caches
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(tg.ConfigError, match=r"--compile_cache=.*cannot create .*use --compile_cache=off"):
-        tg.persist_compiled_kernels(tg.parse_config([f"--compile_cache={blocker / 'sub'}"]))
+        with tg.persist_compiled_kernels(tg.parse_config([f"--compile_cache={blocker / 'sub'}"])):
+            pass

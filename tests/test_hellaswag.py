@@ -99,7 +99,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def run_tool(hub, folder):
     return subprocess.run([sys.executable, "-c", RUN_TOOL, str(ROOT), str(ROOT / "data" / "hellaswag.py"),
                            "--dir", str(folder)], cwd=ROOT, env=hub_env(hub, folder), capture_output=True, text=True,
-                          timeout=120)
+                          timeout=300)
 
 
 def test_the_tool_downloads_once_and_tokenizes(tmp_path, start_hub, served):

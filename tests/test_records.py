@@ -166,7 +166,7 @@ def test_published_p_value_by_hand():
 
 def test_summary_table_from_the_command_line():
     done = subprocess.run([sys.executable, "records/compare.py", "summary", "records/record43"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "p = 0.0018" in done.stdout and "mean 3.2784  std 0.0013" in done.stdout
     assert "record43 #10" in done.stdout

@@ -343,6 +343,33 @@ def test_a_world_size_that_does_not_divide_the_batch_is_refused_by_rank_0(shards
 
 # --- whole runs --------------------------------------------------------------------------------------------
 
+def test_main_sets_what_the_run_needs_for_the_run_only(shards, tmp_path, monkeypatch):
+    """In-process (as a benchmark or a test calls it), main() installs its signal handlers and points the compile
+    caches at --compile_cache while the run lasts, and puts all of it back when it returns, here stopped right after
+    the start-up."""
+    seen = {}
+
+    def stop_when_ready(log, parts):
+        seen.update(handlers=[signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)],
+                    cache=os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+        raise tg.UserError("stopped once ready")
+    monkeypatch.setattr(tg.RunLog, "startup", stop_when_ready)
+    ours = [lambda signum, frame: None, signal.SIG_IGN]
+    before = [signal.signal(s, handler) for s, handler in zip((signal.SIGINT, signal.SIGTERM), ours)]
+    try:
+        code = tg.main(tiny_args(shards, tmp_path, "--compile=on", f"--compile_cache={tmp_path / 'cache'}",
+                                 "--warmup_steps=0"))
+        after = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    finally:
+        for s, handler in zip((signal.SIGINT, signal.SIGTERM), before):
+            signal.signal(s, handler)
+    assert code == 2 and record_of(tmp_path)[0]["error"] == "error: stopped once ready"
+    assert seen == {"handlers": [tg.stop_on_signal] * 2, "cache": str(tmp_path / "cache" / "inductor")}
+    assert after == ours
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] != seen["cache"]
+    assert not torch.distributed.is_initialized()
+
+
 def test_a_non_finite_loss_stops_the_run_with_its_step(shards, tmp_path):
     result = run_trainer(tiny_args(shards, tmp_path, "--warmup_steps=0", "--muon_lr=1e30", "--adam_lr=1e30",
                                    "--max_steps=20"), tmp_path)
@@ -440,18 +467,23 @@ def test_tiny_preset_trains_and_writes_its_record(shards, tmp_path):
 
 
 def fake_nvidia_smi(folder, gpus: int, compute_cap: str = "8.0"):
-    """An nvidia-smi that lists `gpus` GPUs (none: fails) and answers the compute-capability query, first on PATH."""
+    """An nvidia-smi that lists `gpus` GPUs (none: fails) and answers the compute-capability query, first on PATH;
+    then this interpreter as python3, which has all that run.sh needs, so that run.sh uses it as it is."""
     listing = "".join(f"echo 'GPU {i}: Fake GPU'; " for i in range(gpus))
     query = f'[ "$1" = --query-gpu=compute_cap ] && {{ echo {compute_cap}; exit 0; }}\n' if gpus else ""
     (folder / "nvidia-smi").write_text(f"#!/bin/sh\n{query}{listing}exit {0 if gpus else 9}\n")
     (folder / "nvidia-smi").chmod(0o755)
-    return {**os.environ, "PATH": f"{folder}:{os.environ['PATH']}"}
+    python = folder / "python-bin"
+    python.mkdir(exist_ok=True)
+    (python / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # not a link: a venv's Python
+    (python / "python3").chmod(0o755)  # finds its environment from the path it is started by
+    return {**os.environ, "PATH": f"{folder}:{python}:{os.environ['PATH']}"}
 
 
 def test_run_sh_with_gpus_launches_torchrun_on_the_local_shards(shards, tmp_path):
     """The GPU branch's wiring: shards already in $DATA_PATH/data/fineweb10B are not downloaded again, torchrun
     starts one process per listed GPU, and the arguments pass through (here: the tiny preset, run on the CPU). On a
-    Hopper it tries to install flash-attn-4 (here it cannot, with no package index) and goes on without it."""
+    Hopper without flash-attn-4 it says how to add it to python3, which it uses as it is, and goes on without it."""
     data = tmp_path / "data" / "fineweb10B"
     data.mkdir(parents=True)
     (data / "fineweb_val_000000.bin").write_bytes((shards / "val_000000.bin").read_bytes())
@@ -463,8 +495,9 @@ def test_run_sh_with_gpus_launches_torchrun_on_the_local_shards(shards, tmp_path
                              f"--log_dir={tmp_path / 'logs'}"], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert ("warning: could not install requirements-gpu.txt (flash-attn-4); attention runs on varlen_attn"
-            in result.stderr)
+    assert (f"note: python3 ({tmp_path / 'python-bin' / 'python3'}) has no flash-attn-4, so attention runs on "
+            "varlen_attn; python3 -m pip install -r requirements-gpu.txt adds it") in result.stderr.splitlines()
+    assert "2 NVIDIA GPU(s) found: running tiny under torchrun on them" in result.stdout
     record, _ = record_of(tmp_path)
     assert record["env"]["world_size"] == 2 and record["status"] == "finished"
     assert record["config"]["train_files"] == f"{data}/fineweb_train_*.bin"
@@ -485,6 +518,16 @@ def test_run_sh_without_a_gpu_runs_the_tiny_preset_once_per_seed(tmp_path):
         assert record["status"] == "finished" and record["config"]["preset"] == "tiny" and record["steps_done"] == 2
         assert record["config"]["train_files"] == "data/synthetic/train_*.bin"
     assert records[0]["final_val_loss"] != records[1]["final_val_loss"]
+
+
+@pytest.mark.parametrize("args, preset", [(["--preset=record42"], "record42"), (["--preset", "record43"], "record43"),
+                                          (["--preset=tiny", "--preset=record43", "--max_steps=5"], "record43")])
+def test_run_sh_without_a_gpu_refuses_a_record_preset_in_one_line(tmp_path, args, preset):
+    result = subprocess.run([str(ROOT / "run.sh"), *args], cwd=tmp_path, env=fake_nvidia_smi(tmp_path, 0),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (f"error: --preset={preset} is a GPU run, and no NVIDIA GPU is visible here (nvidia-smi "
+                             "lists none); on this CPU, ./run.sh without --preset runs the tiny preset (a few minutes)\n")
 
 
 @pytest.mark.parametrize("runs", ["0", "two", ""])
