@@ -6,6 +6,8 @@
 #   benchmarks/cold_start.sh [--flag=value ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. ./env.sh
+ensure_env torch numpy
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 python data/synthetic.py --vocab_size 1024 --out data/synthetic > /dev/null  # the tiny preset's shards, as ./run.sh makes them
@@ -17,7 +19,7 @@ first_step_after() {
     while IFS= read -r line; do
         if [ -z "$seen" ] && [[ $line == step:1/* ]]; then
             seen=1
-            echo "$EPOCHREALTIME - $1" | bc
+            awk -v now="$EPOCHREALTIME" -v launched="$1" 'BEGIN { print now - launched }'
         fi
         echo "$line" >> "$work/log"
     done

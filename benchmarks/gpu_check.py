@@ -251,9 +251,9 @@ STAGES = [
     Stage(2, "tests/test_gpu.py", 80, 180, "the CUDA paths against the CPU-checked ones; its compiled tests compile "
           "small graphs from scratch", gpu_tests),
     Stage(3, "record 43, cold compile cache", 270, 240, "world size 1 on synthetic GPT-2-shaped shards (made in about "
-          "10 s): start-up with every training graph compiled from scratch and the 30 warm-up steps (most of the "
-          "limit), validation at step 0 and at the end (each compiling its graph), and the 60 timed steps between "
-          "(about 30 s)", cold_run),
+          "10 s): start-up with the model's training and evaluation graphs and the optimizers' steps compiled from "
+          "scratch in the warm-up of two steps and one validation batch (most of the limit), validation at step 0 "
+          "and at the end, and the 60 timed steps between (about 30 s)", cold_run),
     Stage(4, "record 43, warm compile cache", 70, 180, "the same start-up with the kernels stage 3 left in the "
           "compile cache, then 5 steps and short validations", warm_run),
     Stage(5, "torchrun, 1 process", 40, 180, "the NCCL path: no warm-up, 3 steps, kernels from the cache",
