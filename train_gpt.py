@@ -847,6 +847,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             wait()
 
     def decays(self, group, p) -> bool:
+        """Whether p is decayed at all: its group's decay times its own wd_mul."""
         return bool(group["weight_decay"] * getattr(p, "wd_mul", 1.0))
 
     def counts_decayed(self, group, p) -> bool:
@@ -1803,6 +1804,22 @@ def agreed(check):
     return result
 
 
+def build_model(cfg: Config, device, world: int, inputs: Inputs) -> GPT:
+    """The model as every rank trains it, not yet compiled: the seed's initial weights, rank 0's on every rank, for
+    sequences up to the longest it will see (a micro-batch, a validation sequence or a HellaSwag example), fp32 on the
+    CPU, with its lm_head and attention kernel chosen."""
+    torch.manual_seed(cfg.seed)
+    longest_example = max(map(hellaswag_example_tokens, inputs.hellaswag)) if inputs.hellaswag else 0
+    model = GPT(cfg, max(inputs.micro_tokens, cfg.val_seq_tokens, longest_example), world).to(device)
+    if device.type == "cpu":
+        model.float()  # most CPUs emulate bf16 arithmetic, several times slower than fp32
+    for p in model.parameters():
+        dist.broadcast(p.detach(), 0)
+    model.fp8_head = fp8_head_enabled(cfg, device)
+    model.use_attention(inputs.attention.kernel)
+    return model
+
+
 def train(cfg: Config, device, rank: int, world: int, inputs: Inputs, log: "RunLog", started: float,
           resume: dict | None = None):
     startup = {"data_s": time.perf_counter() - started}  # set-up, flags and every check of the inputs
@@ -1811,18 +1828,10 @@ def train(cfg: Config, device, rank: int, world: int, inputs: Inputs, log: "RunL
     log.line(f"world size {world}, {grad_accum} micro-steps of {micro_tokens} tokens per rank, "
              f"{len(train_files)} training shards, {cfg.val_tokens} validation tokens")
 
-    torch.manual_seed(cfg.seed)
-    longest_example = max(map(hellaswag_example_tokens, hellaswag)) if hellaswag else 0
-    raw_model = GPT(cfg, max(micro_tokens, cfg.val_seq_tokens, longest_example), world).to(device)
-    if device.type == "cpu":
-        raw_model.float()  # most CPUs emulate bf16 arithmetic, several times slower than fp32
-    for p in raw_model.parameters():
-        dist.broadcast(p.detach(), 0)
+    raw_model = build_model(cfg, device, world, inputs)
     startup["model_s"] = time.perf_counter() - started - startup["data_s"]
-    raw_model.fp8_head = fp8_head_enabled(cfg, device)
     graphs = ModelGraphs(log)
     model = torch.compile(raw_model, backend=graphs, dynamic=False, fullgraph=True) if compiles(cfg, device) else raw_model
-    raw_model.use_attention(attention.kernel)
     if attention.note:
         log.line(attention.note)
     log.kernels(lm_head="fp8" if raw_model.fp8_head else "bf16" if device.type == "cuda" else "fp32",

@@ -20,14 +20,10 @@ import train_gpt as tg
 
 
 def build(cfg: tg.Config, settings: contextlib.ExitStack):
-    """Device, model, optimizers, batches and step shape, from train_gpt's checks and constructors."""
+    """Device, model, optimizers, batches and step shape, from train_gpt's checks and constructors, as train() makes them."""
     device, rank, world = tg.setup_device(cfg)
     inputs = tg.check_inputs(cfg, rank, world, device, settings)
-    raw_model = tg.GPT(cfg, max(inputs.micro_tokens, cfg.val_seq_tokens), world).to(device)
-    if device.type == "cpu":
-        raw_model.float()
-    raw_model.fp8_head = tg.fp8_head_enabled(cfg, device)
-    raw_model.use_attention(inputs.attention.kernel)
+    raw_model = tg.build_model(cfg, device, world, inputs)
     model = torch.compile(raw_model, dynamic=False, fullgraph=True) if tg.compiles(cfg, device) else raw_model
     batches = tg.TrainBatches(inputs.train_files, cfg, rank, world, device)
     return device, model, tg.make_optimizers(cfg, raw_model), batches, inputs.grad_accum
