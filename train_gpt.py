@@ -357,14 +357,16 @@ if triton is not None:
 
     @triton.jit
     def _sym_product_kernel(
-        left_ptr, right_ptr, out_ptr, m, k_size,
+        left_ptr, right_ptr, out_ptr, m,
         stride_lb, stride_lr, stride_lk,
         stride_rb, stride_rk, stride_rc,
         stride_ob, stride_or, stride_oc,
         alpha, beta,
-        ADD_LEFT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+        K: tl.constexpr, ADD_LEFT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """out = alpha * left @ right (+ beta * left when ADD_LEFT), for one lower-triangle tile, mirrored."""
+        """out = alpha * left @ right (+ beta * left when ADD_LEFT), for one lower-triangle tile, mirrored. The inner
+        dimension K is a constant: each kernel sees one (NorMuon's matrices are all of a shape), the loop's trip count
+        is known when it compiles, and Triton 3.6's CPU interpreter cannot loop to a run-time bound under numpy 2.4."""
         tile_i, tile_j = _lower_tile(tl.program_id(0))
         batch = tl.program_id(1).to(tl.int64)
         left_ptr += batch * stride_lb
@@ -374,13 +376,13 @@ if triton is not None:
         rows = tile_i * BLOCK + tl.arange(0, BLOCK)
         cols = tile_j * BLOCK + tl.arange(0, BLOCK)
         acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-        for k0 in range(0, k_size, BLOCK_K):
+        for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             # Zero padding past the edges adds nothing to the dot products.
             lhs = tl.load(left_ptr + rows[:, None] * stride_lr + ks[None, :] * stride_lk,
-                          mask=(rows[:, None] < m) & (ks[None, :] < k_size), other=0.0)
+                          mask=(rows[:, None] < m) & (ks[None, :] < K), other=0.0)
             rhs = tl.load(right_ptr + ks[:, None] * stride_rk + cols[None, :] * stride_rc,
-                          mask=(ks[:, None] < k_size) & (cols[None, :] < m), other=0.0)
+                          mask=(ks[:, None] < K) & (cols[None, :] < m), other=0.0)
             acc = tl.dot(lhs, rhs, acc)
         acc *= alpha
         in_bounds = (rows[:, None] < m) & (cols[None, :] < m)
@@ -410,10 +412,10 @@ if triton is not None:
         tiles = triton.cdiv(m, block)
         grid = (tiles * (tiles + 1) // 2, batch)
         _sym_product_kernel[grid](
-            left, right, out, m, k_size,
+            left, right, out, m,
             *left.stride(), *right.stride(), *out.stride(),
             float(alpha), float(beta),
-            ADD_LEFT=add_left, BLOCK=block, BLOCK_K=block_k, num_warps=8, num_stages=3,
+            K=k_size, ADD_LEFT=add_left, BLOCK=block, BLOCK_K=block_k, num_warps=8, num_stages=3,
         )
 
     def _check_out(out, expected_shape, source, source_name):

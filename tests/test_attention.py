@@ -88,8 +88,12 @@ def test_flash_attn_4_ops_match_the_masked_attention(stand_in, window):
     window = torch.tensor(window)
     got = output_and_grads(lambda *qkv: tg.attention(*qkv, cu, 32, window, "flash-attn-4"), q, k, v, grad)
     want = output_and_grads(lambda *qkv: tg.attention(*qkv, cu, 32, window), q, k, v, grad)
+    # The masked path is float32. Where a gradient is exactly zero (dq and dk at window 0, where each softmax has one
+    # term), it returns the rounding of dS = P (dP - D), dP and D being dot products of size |dO| |V|, times K or Q:
+    # a few float32 ulps (1.2e-7) of |dO| |V| |K|, whatever kernel SDPA picks (torch 2.15 picks another than 2.13).
+    atol = 1e-6 * (grad.abs().max() * v.abs().max() * torch.maximum(q.abs().max(), k.abs().max())).item()
     for name, a, b in zip(("output", "dq", "dk", "dv"), got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=atol, msg=name)
 
 
 def test_flash_attn_4_ops_compile_with_fake_shapes_and_autograd(stand_in):
