@@ -365,8 +365,8 @@ if triton is not None:
         K: tl.constexpr, ADD_LEFT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """out = alpha * left @ right (+ beta * left when ADD_LEFT), for one lower-triangle tile, mirrored. The inner
-        dimension K is a constant: each kernel sees one (NorMuon's matrices are all of a shape), the loop's trip count
-        is known when it compiles, and Triton 3.6's CPU interpreter cannot loop to a run-time bound under numpy 2.4."""
+        dimension K is a constant: a run has three (X X^T of the attention's and the MLP's matrices, A A), compiled in
+        the warm-up, and Triton 3.6's CPU interpreter cannot loop to a run-time bound under numpy 2.4."""
         tile_i, tile_j = _lower_tile(tl.program_id(0))
         batch = tl.program_id(1).to(tl.int64)
         left_ptr += batch * stride_lb
