@@ -73,8 +73,16 @@ except m.PackageNotFoundError:
     "$PY" -m pip install --disable-pip-version-check --retries 0 --timeout 15 -c "$pins" "$@" > .venv/pip.log 2>&1
 }
 
-# ensure_env MODULE...: PY finds every MODULE, or the script stops with one line naming what is missing
+# ensure_env MODULE...: PY finds every MODULE, or the script stops with one line naming what is missing. A torch
+# outside the tested range is used as it is, with one warning line.
 ensure_env() {
+    find_env "$@"
+    if [[ " $* " == *" torch "* ]]; then
+        warn_outside_torch_range
+    fi
+}
+
+find_env() {
     command -v python3 >/dev/null || fail "python3 not found; install Python 3.10 or newer"
     PY=python3
     local missing
@@ -91,4 +99,47 @@ ensure_env() {
     venv_install "${specs[@]}" && has_modules "$@" && return
     fail "missing ${missing// /, }, which pip could not install (no package index? its output: .venv/pip.log);" \
          "install with: $PY -m pip install$(printf " '%s'" "${specs[@]}")"
+}
+
+# torch_range: the lowest supported and the newest tested torch, from requirements.txt's torch>=LOW,<=HIGH
+torch_range() {
+    local line
+    line=$(grep -E '^torch>=' requirements.txt) || fail "requirements.txt has no torch>=LOW,<=HIGH line"
+    [[ "$line" =~ ^torch\>=([0-9.]+),\<=([0-9.]+)$ ]] || fail "requirements.txt: '$line' is not torch>=LOW,<=HIGH"
+    echo "${BASH_REMATCH[1]} ${BASH_REMATCH[2]}"
+}
+
+# warn_outside_torch_range: one line on stderr where $PY's torch is outside the tested range
+warn_outside_torch_range() {
+    "$PY" - $(torch_range) <<'PY'
+import importlib.metadata as metadata, re, sys
+
+def release(version):
+    return tuple(int(part) for part in re.match(r"\d+(?:\.\d+)*", version).group().split("."))
+
+low, high = sys.argv[1:]
+version = metadata.version("torch")
+if not release(low) <= release(version) <= release(high):
+    print(f"warning: torch {version} is outside the range this trainer is tested on, {low} to {high} "
+          "(requirements.txt); it is used as it is", file=sys.stderr)
+PY
+}
+
+# torch_env VERSION: PY is the Python of an environment of its own with the CUDA build of torch VERSION (the package
+# index's default build for Linux) and the other packages of requirements.txt, made under $TORCH_ENVS on first use
+# (about 4 GB) and kept. It imports and runs without a GPU, so that tests/test_cuda_path.py can check the CUDA path.
+torch_env() {
+    local version=$1
+    local folder="${TORCH_ENVS:-$HOME/.cache/train_gpt/torch-envs}/torch-$version"
+    PY="$folder/bin/python"
+    [ -f "$folder/ready" ] && return
+    echo "making the environment of torch $version in $folder (about 4 GB the first time)"
+    rm -rf "$folder"
+    mkdir -p "$(dirname "$folder")"
+    python3 -m venv "$folder" >/dev/null || fail "could not create $folder (on Debian/Ubuntu: apt-get install python3-venv)"
+    # the version is exact, so a pip configuration's cap on torch must not refuse it
+    PIP_CONSTRAINT=/dev/null "$PY" -m pip install --disable-pip-version-check --retries 2 --timeout 60 \
+        "torch==$version" $(grep -Ev '^(#|torch\b|$)' requirements.txt) > "$folder.log" 2>&1 ||
+        fail "pip could not install torch==$version and requirements.txt into $folder (its output: $folder.log)"
+    touch "$folder/ready"
 }
