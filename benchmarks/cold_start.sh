@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 ensure_env torch numpy
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-python data/synthetic.py --vocab_size 1024 --out data/synthetic > /dev/null  # the tiny preset's shards, as ./run.sh makes them
+data="${DATA_PATH:-.}/data/synthetic"  # the tiny preset's shards, where ./run.sh makes them
+python data/synthetic.py --vocab_size 1024 --out "$data" > /dev/null
 
 # first_step_after LAUNCHED: passes the trainer's output through to $work/log and prints the seconds from LAUNCHED
 # (an $EPOCHREALTIME) to its first timed step line
@@ -27,7 +28,8 @@ first_step_after() {
 
 for cache in empty warm; do
     launched=$EPOCHREALTIME
-    seconds=$(python train_gpt.py --preset=tiny --compile=on --compile_cache="$work/cache" --log_dir="$work/$cache" "$@" |
+    seconds=$(python train_gpt.py --preset=tiny --train_files="$data/train_*.bin" --val_files="$data/val_*.bin" \
+                  --compile=on --compile_cache="$work/cache" --log_dir="$work/$cache" "$@" |
               first_step_after "$launched") || { tail -20 "$work/log" >&2; echo "error: the $cache-cache run failed" >&2; exit 1; }
     python - "$cache" "$seconds" "$work/$cache"/*.json <<'PY'
 import json, sys
