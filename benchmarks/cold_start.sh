@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Start-up of a compiled run: the tiny preset with --compile=on on this machine's device (its GPU if it has one), first
 # on an empty compile cache, as on a new node, then again on the cache that run left. For each start: the model graphs
-# compiled, the seconds from launch to the first timed step (Python and torch loading, checks, compilation, warm-up)
-# and the record's own split of its start-up. Extra arguments go to train_gpt.py.
+# compiled, the graphs inductor compiled into the compile cache and found there, the seconds from launch to the first
+# timed step (Python and torch loading, checks, compilation, warm-up) and the record's own split of its start-up.
+# Extra arguments go to train_gpt.py. DATA_PATH as for ./run.sh.
 #   benchmarks/cold_start.sh [--flag=value ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,8 +37,10 @@ import json, sys
 cache, seconds, path = sys.argv[1:]
 record = json.load(open(path))
 parts = ", ".join(f"{name.removesuffix('_s')} {value:.1f}s" for name, value in record["startup"].items())
-print(f"{cache} cache: {record['compile']['model_graphs']} model graphs ({record['compile']['recompiles_after_warmup']} "
-      f"after the warm-up), {float(seconds):.1f}s from launch to the first timed step (the record's start-up: {parts}); "
+compile = record["compile"]
+print(f"{cache} cache: {compile['model_graphs']} model graphs ({compile['recompiles_after_warmup']} after the warm-up), "
+      f"{compile['cache_misses']} graphs compiled into the cache and {compile['cache_hits']} found there, "
+      f"{float(seconds):.1f}s from launch to the first timed step (the record's start-up: {parts}); "
       f"{record['env']['device']}, torch {record['env']['torch']}")
 PY
 done

@@ -17,6 +17,7 @@ import torch
 import train_gpt as tg
 from data.shards import write_shard
 from data.synthetic import generate
+from test_download import hub_env, start_hub  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 1024
@@ -559,6 +560,26 @@ def test_run_sh_with_gpus_launches_torchrun_on_the_local_shards(shards, tmp_path
     assert record["config"]["train_files"] == f"{data}/fineweb_train_*.bin"
 
 
+def test_run_sh_with_gpus_downloads_the_missing_shards_into_data_path(shards, tmp_path, start_hub):
+    """With no shards in $DATA_PATH/data/fineweb10B, the GPU branch downloads the validation shard and the record's 9
+    training shards there (from a stand-in for the Hub on 127.0.0.1 that serves the tiny shards under FineWeb's
+    names) and trains on them."""
+    names = ["fineweb_val_000000.bin", *(f"fineweb_train_{i:06d}.bin" for i in range(1, 10))]
+    served = {name: (shards / ("val_000000.bin" if "val" in name else "train_000001.bin")).read_bytes() for name in names}
+    hub = start_hub(served)
+    env = {**hub_env(hub, tmp_path / "data"), "PATH": fake_nvidia_smi(tmp_path, 1)["PATH"], "DATA_PATH": str(tmp_path),
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([str(ROOT / "run.sh"), "--preset=tiny", "--device=cpu", "--max_steps=1", "--warmup_steps=0",
+                             f"--log_dir={tmp_path / 'logs'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = tmp_path / "data" / "fineweb10B"
+    assert sorted(p.name for p in data.iterdir()) == sorted(names)
+    assert [name for name in names if (data / name).read_bytes() != served[name]] == []
+    record, _ = record_of(tmp_path)
+    assert record["status"] == "finished" and record["config"]["train_files"] == f"{data}/fineweb_train_*.bin"
+
+
 def test_run_sh_without_a_gpu_runs_the_tiny_preset_once_per_seed(tmp_path):
     """The main job's CPU branch, cut short, with --runs=2: it makes its synthetic shards in $DATA_PATH/data/synthetic
     and leaves a record per run, each with its own seed."""
@@ -658,5 +679,24 @@ def test_the_whole_schedule_compiles_one_training_and_one_evaluation_graph(tiny_
     assert (config["window_schedule"], config["window_extension"], config["window_final_val"]) == ([3, 7, 11], 13, 20)
     assert config["compile"] == tiny_run.mode and record["steps_done"] == 80
     assert [v["step"] for v in record["val"]] == [0, 20, 40, 60, 80]
-    assert record["compile"] == {"model_graphs": graphs, "recompiles_after_warmup": 0}
+    # on its empty compile cache, inductor compiled the training graph's forward and backward and the evaluation graph
+    assert record["compile"] == {"model_graphs": graphs, "recompiles_after_warmup": 0, "cache_hits": 0,
+                                 "cache_misses": 3 if graphs else 0}
     assert "warning" not in tiny_run.record.with_suffix(".txt").read_text().split(tg.SEPARATOR)[-1]
+
+
+def test_cold_start_sh_compiles_on_an_empty_cache_and_reuses_it_on_the_second_start(tmp_path):
+    """benchmarks/cold_start.sh, cut to 2 steps: the tiny preset compiled on the CPU, first on an empty compile cache,
+    where inductor compiles the model's three graphs (training forward and backward, evaluation) into it, then on
+    that cache, where it finds all three and compiles none. Its shards go to $DATA_PATH, not the checkout."""
+    result = subprocess.run([str(ROOT / "benchmarks" / "cold_start.sh"), "--max_steps=2", "--val_loss_every=0"],
+                            env={**os.environ, "DATA_PATH": str(tmp_path), "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    empty, warm = result.stdout.splitlines()
+    assert empty.startswith("empty cache: 2 model graphs (0 after the warm-up), 3 graphs compiled into the cache and 0 "
+                            "found there, ")
+    assert warm.startswith("warm cache: 2 model graphs (0 after the warm-up), 0 graphs compiled into the cache and 3 "
+                           "found there, ")
+    assert all(line.endswith(f"; cpu, torch {torch.__version__}") for line in (empty, warm))
+    assert (tmp_path / "data" / "synthetic" / "val_000000.bin").is_file()
