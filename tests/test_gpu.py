@@ -248,7 +248,7 @@ def test_the_compiled_optimizer_steps_count_the_coordinates_they_decay(process_g
 # the loss and, norm-wise, of each parameter's gradient, from the unit roundoffs of the formats involved.
 BF16_U, E4M3_U, E5M2_U = 2.0 ** -8, 2.0 ** -4, 2.0 ** -3
 COMPILED_LOSS, COMPILED_GRAD = 4 * BF16_U, 16 * BF16_U
-FP8_LOSS, FP8_GRAD = E4M3_U, E5M2_U + 2 * E4M3_U
+FP8_LOSS, FP8_GRAD = 2 * E4M3_U / 1024 ** 0.5, (E5M2_U ** 2 + 2 * E4M3_U ** 2) ** 0.5
 
 
 def test_compiled_tiny_model_matches_eager_on_the_gpu():
@@ -259,8 +259,8 @@ def test_compiled_tiny_model_matches_eager_on_the_gpu():
     path runs forward and back through 11 blocks with about four such roundings each way per block, some 90 in all;
     as independent errors (RMS u / sqrt(3) each) they add up to about 5.5 u norm-wise, and COMPILED_GRAD allows 16 u
     (6.3%) for correlated ones. The loss is a float32 mean over 1024 tokens, which averages its logits' rounding
-    errors: COMPILED_LOSS allows 4 u (1.6%). tests/test_compiled_model.py runs this check on the CPU and shows that
-    it fails when one block's attention is off in the compiled model only."""
+    errors: COMPILED_LOSS allows 4 u (1.6%). tests/test_model_checks.py runs this check on the CPU and shows that it
+    fails when one block's attention is off in the compiled model only."""
     model, inputs, targets, cu = random_tiny_model_and_batch(1)
     eager = loss_and_grads(model, model, inputs, targets, cu)
     compiled = loss_and_grads(torch.compile(model, dynamic=False, fullgraph=True), model, inputs, targets, cu)
@@ -270,16 +270,23 @@ def test_compiled_tiny_model_matches_eager_on_the_gpu():
 def test_an_fp8_step_matches_a_bf16_step_on_the_same_weights():
     """The FP8 lm_head against the bf16 one, eager, on the same random weights and batch. FP8 rounds the head's input
     and weights to e4m3 (u = 2^-4) in the forward and the logits' gradient to e5m2 (u = 2^-3) in the backward, once
-    each: a logit is within 2 u(e4m3) of the bf16 one, the head's gradient and the gradient it sends into the model
-    within u(e5m2) + 2 u(e4m3) (the rest of the model passes that relative error on through linear maps); FP8_GRAD
-    is that worst case, 25%, against an error of 50% or more from a wrong scale or a transposed operand. The loss,
-    a mean over tokens of unbiased roundings, within u(e4m3)."""
+    each, so the gradient the head sends into the model (and the head's own) carries three independent roundings:
+    within sqrt(u(e5m2)^2 + 2 u(e4m3)^2) = 15% norm-wise, FP8_GRAD, which the rest of the model passes on through
+    linear maps; a wrong scale or a transposed operand is off by 50% or more. A logit is within 2 u(e4m3) of the bf16
+    one, and the loss averages 1024 tokens' unbiased errors: FP8_LOSS is 2 u(e4m3) / sqrt(1024), 0.4%. Measured on
+    the CPU's FP8 matmul (tests/test_model_checks.py): gradients 1.8% to 4.3% off, the loss 0.003%."""
     model, inputs, targets, cu = random_tiny_model_and_batch(8)
+    assert fp8_against_bf16(model, inputs, targets, cu) == []
+
+
+def fp8_against_bf16(model, inputs, targets, cu) -> list[str]:
+    """What differs beyond FP8_LOSS and FP8_GRAD between a training step with the FP8 head and one with the bf16 head."""
     found = {}
     for fp8 in (False, True):
         model.fp8_head = fp8
         found[fp8] = loss_and_grads(model, model, inputs, targets, cu)
-    assert mismatches(found[True], found[False], FP8_LOSS, FP8_GRAD) == []
+    return mismatches(found[True], found[False], FP8_LOSS, FP8_GRAD)
+
 
 def test_fp8_op_bodies_compiled_on_the_gpu_match_their_eager_form():
     """The custom ops' bodies are compiled on CUDA (fused scaling and casts): same numbers as the eager bodies, up
@@ -362,18 +369,15 @@ def mismatches(got, want, loss_tolerance: float, grad_tolerance: float) -> list[
 
 
 def test_compiled_model_with_flash_attn_4_trains_like_eager_varlen_attn():
+    """Every gradient, within the compiled model's tolerances plus the 2% by which the start-up check lets the two
+    kernels differ."""
     skip_without_flash_attn_4()
     model, inputs, targets, cu = random_tiny_model_and_batch(4)
     results = []
     for kernel, run in (("varlen_attn", model), ("flash-attn-4", torch.compile(model, dynamic=False, fullgraph=True))):
         model.use_attention(kernel)
-        model.zero_grad(set_to_none=True)
-        loss = run(inputs, targets, cu, 512, *model.windows(3, 7))
-        loss.backward()
-        results.append((loss.item(), model.blocks["1"].attn.qkvo.grad.float()))
-    (eager_loss, eager_grad), (compiled_loss, compiled_grad) = results
-    assert abs(eager_loss - compiled_loss) < 1e-2 * eager_loss
-    assert (compiled_grad - eager_grad).norm() < 5e-2 * eager_grad.norm()
+        results.append(loss_and_grads(run, model, inputs, targets, cu))
+    assert mismatches(results[1], results[0], COMPILED_LOSS + 0.02, COMPILED_GRAD + 0.02) == []
 
 
 @pytest.mark.parametrize("kernel", ["varlen_attn", "flash-attn-4"])
