@@ -8,6 +8,7 @@
 # FLAGS), seed by seed, into <log_dir>/a and <log_dir>/b, then the diff of b against a; run again, it goes on with the
 # runs still missing.
 # Several nodes: set NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT on each, as for torchrun.
+# DATA_PATH=DIR: the shards in DIR/data/ (fineweb10B/, or synthetic/ on the CPU) instead of this folder's data/.
 set -euo pipefail
 cd "$(dirname "$0")"
 . ./env.sh
@@ -93,8 +94,10 @@ if ! nvidia-smi -L >/dev/null 2>&1; then
     ensure_env torch numpy
     # The tiny model's matrices are too small to gain from threads, and on small VMs idle threads cost ~10x.
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-    python data/synthetic.py --vocab_size 1024 --out data/synthetic
-    each_seed python train_gpt.py --preset=tiny
+    synthetic="${DATA_PATH:-.}/data/synthetic"
+    synthetic="${synthetic#./}"  # without DATA_PATH, the preset's own paths
+    python data/synthetic.py --vocab_size 1024 --out "$synthetic"
+    each_seed python train_gpt.py --preset=tiny --train_files="$synthetic/train_*.bin" --val_files="$synthetic/val_*.bin"
     exit
 fi
 

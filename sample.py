@@ -86,18 +86,23 @@ def generate(model: tg.GPT, cfg: tg.Config, windows, prompt: list[int], tokens: 
         inputs = torch.tensor(ids, dtype=torch.int32, device=device)
         cu_seqlens = tg.cu_seqlens_from_starts([0], len(ids), device)
         logits = model(inputs, None, cu_seqlens, len(ids), *windows)[-1, :cfg.vocab_size]  # the padding is never a target
-        if temperature == 0:
-            token = int(logits.argmax())
-        else:
-            logits = logits / temperature
-            if top_k:
-                logits[logits < logits.topk(min(top_k, logits.numel())).values[-1]] = -float("inf")
-            token = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+        token = next_token(logits, temperature, top_k, generator)
         if token == cfg.bos_id:
             break
         ids.append(token)
         out.append(token)
     return out
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator) -> int:
+    """The likeliest token at temperature 0; else a draw from the softmax of logits / temperature, among the top_k
+    likeliest tokens when top_k is not 0."""
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k:
+        logits[logits < logits.topk(min(top_k, logits.numel())).values[-1]] = -float("inf")
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
 
 def score_hellaswag(args, meta: dict, device):

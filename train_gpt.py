@@ -1602,10 +1602,12 @@ class ModelGraphs:
     """torch.compile's backend for the model: inductor's compile_fx, as by default, counting the graphs dynamo hands it.
     The warm-up compiles all of them. A graph compiled after it (a recompile, which the timed run pays for) is reported
     in one warning line with dynamo's reason when it first runs, as dynamo has recorded the reason by then. The counts
-    go in the record's "compile"."""
+    go in the record's "compile", with how many graphs inductor found in the compile cache since the run began and
+    how many it compiled into it, which tell a cold start from a warm one."""
 
     def __init__(self, log: "RunLog"):
         self.log, self.graphs, self.late = log, 0, None  # late: graphs compiled after the warm-up, None during it
+        self.cache_before = inductor_cache_counts()
         self._report()
 
     def warmed_up(self):
@@ -1635,7 +1637,16 @@ class ModelGraphs:
         return run
 
     def _report(self):
-        self.log.compiled(self.graphs, self.late or 0)
+        hits, misses = (now - before for now, before in zip(inductor_cache_counts(), self.cache_before))
+        self.log.compiled(self.graphs, self.late or 0, hits, misses)
+
+
+def inductor_cache_counts() -> tuple[int, int]:
+    """The graphs inductor has found in its cache in this process (hits: the model's forward, backward and evaluation
+    graphs, and on CUDA the optimizers' steps) and those it compiled and stored there (misses); with --compile_cache=off
+    it neither looks nor stores."""
+    counts = torch._dynamo.utils.counters["inductor"]
+    return counts["fxgraph_cache_hit"], counts["fxgraph_cache_miss"]
 
 
 def recompile_reason(compile_id: str) -> str:
@@ -2478,10 +2489,12 @@ class RunLog:
         if self.enabled:
             self.record["env"].update(chosen)
 
-    def compiled(self, model_graphs: int, recompiles_after_warmup: int):
-        """How many graphs torch.compile made of the model, and how many of them after the warm-up."""
+    def compiled(self, model_graphs: int, recompiles_after_warmup: int, cache_hits: int, cache_misses: int):
+        """How many graphs torch.compile made of the model, how many of them after the warm-up, and how many graphs
+        inductor found in the compile cache and compiled into it."""
         if self.enabled:
-            self.record["compile"] = {"model_graphs": model_graphs, "recompiles_after_warmup": recompiles_after_warmup}
+            self.record["compile"] = {"model_graphs": model_graphs, "recompiles_after_warmup": recompiles_after_warmup,
+                                      "cache_hits": cache_hits, "cache_misses": cache_misses}
 
     def startup(self, parts: dict):
         seconds = sum(parts.values())

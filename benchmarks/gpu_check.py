@@ -3,7 +3,8 @@ shards with a cold compile cache and again with a warm one, torchrun on NCCL, an
 stage runs under a time limit, so that one that hangs or fails leaves the others' results; DIR/summary.md (the table
 to read) and DIR/summary.json are rewritten as each stage starts and ends, and every stage's log lies beside them
 with each line's time since the stage started. Without a GPU it is a dry run of every stage on the CPU with the tiny
-preset. Arguments after -- go to train_gpt.py in stages 3 to 6 (e.g. -- --attention=varlen_attn).
+preset, compiled in stages 3 and 4. Arguments after -- go to train_gpt.py in stages 3 to 6 (e.g.
+-- --attention=varlen_attn).
 
     benchmarks/gpu_check.sh [--out DIR] [--stages 1,3] [--steps N] [--limit STAGE=SECONDS ...] [-- FLAGS]
 """
@@ -215,9 +216,15 @@ def record_figures(folder: Path) -> dict:
             "compile": record.get("compile"), "error": record.get("error")}
 
 
+def compiled_on_the_cpu(check) -> list[str]:
+    """In the dry run, stages 3 and 4 compile the tiny model, so that the cold and the warm compile cache differ there
+    as on a GPU, where --compile=auto is on; the later stages run it eagerly, to keep the dry run short."""
+    return [] if check.gpu else ["--compile=on"]
+
+
 def cold_run(check, log, started, deadline):
     shutil.rmtree(check.compile_cache, ignore_errors=True)
-    return training_run(check, log, started, deadline, 3, f"--max_steps={check.steps[3]}")
+    return training_run(check, log, started, deadline, 3, f"--max_steps={check.steps[3]}", *compiled_on_the_cpu(check))
 
 
 def short_val(check) -> list[str]:
@@ -227,7 +234,8 @@ def short_val(check) -> list[str]:
 
 
 def warm_run(check, log, started, deadline):
-    return training_run(check, log, started, deadline, 4, f"--max_steps={check.steps[4]}", *short_val(check))
+    return training_run(check, log, started, deadline, 4, f"--max_steps={check.steps[4]}", *short_val(check),
+                        *compiled_on_the_cpu(check))
 
 
 def torchrun_run(check, log, started, deadline):
@@ -339,7 +347,9 @@ def figures_text(number: int, f: dict) -> str:
         parts.append(f"val loss {f['val_first']['val_loss']:.4f} at step {f['val_first']['step']}{last}")
     if f.get("compile"):
         parts.append(f"{f['compile'].get('model_graphs')} model graphs, "
-                     f"{f['compile'].get('recompiles_after_warmup')} recompiles after warm-up")
+                     f"{f['compile'].get('recompiles_after_warmup')} recompiles after warm-up, "
+                     f"{f['compile'].get('cache_misses')} graphs compiled into the compile cache and "
+                     f"{f['compile'].get('cache_hits')} found there")
     kernels = ", ".join(f"{k} {v}" for k, v in (f.get("kernels") or {}).items() if v)
     if kernels:
         parts.append(kernels)

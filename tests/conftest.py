@@ -115,6 +115,8 @@ class TinyRun(NamedTuple):
     train: list[float]  # the training loss of each timed step
     val: dict[str, float]  # validation loss by step
     record: Path  # the run's JSON record
+    stdout: str  # what the trainer printed
+    checkpoint: Path  # the final weights (--checkpoint)
 
 
 @pytest.fixture(scope="session")
@@ -133,6 +135,8 @@ def tiny_run(request, tiny_shards, tmp_path_factory) -> TinyRun:
     import golden_run  # after the flag above
     mode = request.param
     if mode not in _tiny_runs:
-        found = golden_run.run_tiny(tiny_shards, mode, tmp_path_factory.mktemp(f"tiny_compile_{mode}"))
-        _tiny_runs[mode] = TinyRun(mode, found["train"], found["val"], Path(found["record"]))
+        folder = tmp_path_factory.mktemp(f"tiny_compile_{mode}")
+        found = golden_run.run_tiny(tiny_shards, mode, folder)
+        _tiny_runs[mode] = TinyRun(mode, found["train"], found["val"], Path(found["record"]), found["stdout"],
+                                   folder / "model.pt")
     return _tiny_runs[mode]

@@ -38,15 +38,17 @@ def make_shards(out: Path) -> Path:
 
 def run_tiny(shards: Path, mode: str, folder: Path) -> dict:
     """The whole tiny preset in a process of its own, in one thread, with --compile=mode (on an empty compile cache,
-    as on a new machine); the losses of run(), the record's path among them."""
+    as on a new machine) and its final weights saved in folder/model.pt; the losses of run(), the record's path among
+    them, and what the run printed."""
     losses = folder / "losses.json"
     flags = ["--preset=tiny", f"--train_files={shards}/train_*.bin", f"--val_files={shards}/val_*.bin",
-             f"--compile={mode}", f"--compile_cache={folder / 'cache'}", f"--log_dir={folder / 'logs'}"]
+             f"--compile={mode}", f"--compile_cache={folder / 'cache'}", f"--log_dir={folder / 'logs'}",
+             f"--checkpoint={folder / 'model.pt'}"]
     result = subprocess.run([sys.executable, __file__, str(losses), "--", *flags], cwd=folder, capture_output=True,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=3600)
     if result.returncode:
         raise RuntimeError(f"the tiny preset with --compile={mode} failed:\n{result.stderr[-3000:]}")
-    return json.loads(losses.read_text())
+    return {**json.loads(losses.read_text()), "stdout": result.stdout}
 
 
 def machine() -> dict:

@@ -71,6 +71,8 @@ def resume(shards, run_dir, nproc, checkpoint, *extra):
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_a_killed_and_resumed_run_ends_bit_for_bit_like_an_unbroken_one(runs, shards, world):
+    """Resumed from the checkpoint of step 3 by name at world size 1, and with --resume=auto, from the newest
+    complete checkpoint, at world size 2."""
     straight, killed = runs(world)
     kept = sorted(p.name for p in (killed / "checkpoints").iterdir())
     complete = [p.name for p in tg.checkpoint_folders(killed / "checkpoints")]
@@ -82,7 +84,8 @@ def test_a_killed_and_resumed_run_ends_bit_for_bit_like_an_unbroken_one(runs, sh
     killed_record, _ = record_of(killed)
     assert killed_record["status"] == "running"  # SIGKILL left no time to write anything
 
-    result = resume(shards, killed, world, "checkpoints/step_000003")
+    start = KILLED_AT if world == 1 else last
+    result = resume(shards, killed, world, "checkpoints/step_000003" if world == 1 else "auto")
     assert result.returncode == 0, result.stderr[-3000:]
     expected, resumed = torch.load(straight / "model.pt"), torch.load(killed / "model.pt")
     assert expected.keys() == resumed.keys()
@@ -94,11 +97,13 @@ def test_a_killed_and_resumed_run_ends_bit_for_bit_like_an_unbroken_one(runs, sh
     assert [(v["step"], v["val_loss"]) for v in record["val"]] == [(v["step"], v["val_loss"]) for v in straight_record["val"]]
     assert [v["step"] for v in record["val"]] == [0, 2, 4, 6]  # 0 and 2 from the killed run, carried by the checkpoint
     assert record["final_val_loss"] == straight_record["final_val_loss"]
-    assert record["resumed"] == [{"step": 3, "checkpoint": "checkpoints/step_000003", "world_size": world}]
+    checkpoint = f"checkpoints/step_{start:06d}"
+    assert record["resumed"] == [{"step": start, "checkpoint": checkpoint, "world_size": world}]
     total = tg.parse_config(["--preset=tiny"]).num_iterations
-    resumed_at = text.index("resumed from checkpoints/step_000003 at step 3")
-    # the killed run's lines, then the resumed run's (the killed one may have logged step 4 before the kill landed)
-    assert text.index(f"step:3/{total} train_time") < resumed_at < text.index(f"step:4/{total} train_time", resumed_at)
+    resumed_at = text.index(f"resumed from {checkpoint} at step {start}")
+    # the killed run's lines, then the resumed run's (the killed one may have logged a step more before the kill landed)
+    assert (text.index(f"step:{start}/{total} train_time") < resumed_at
+            < text.index(f"step:{start + 1}/{total} train_time", resumed_at))
 
 
 def overall_difference(a: dict, b: dict) -> float:

@@ -1,5 +1,6 @@
-"""benchmarks/gpu_check.sh without a GPU: the dry run of every stage on the CPU with the tiny preset, its summary in
-both forms, and stages that fail or pass their time limit reported as such while the later ones still run."""
+"""benchmarks/gpu_check.sh without a GPU: the dry run of every stage on the CPU with the tiny preset (compiled from a
+cold compile cache in stage 3, from the warm one in stage 4), its summary in both forms, and stages that fail or pass
+their time limit reported as such while the later ones still run."""
 import json
 import math
 import subprocess
@@ -37,6 +38,12 @@ def test_the_dry_run_runs_every_stage_and_reports_its_figures(tmp_path):
         assert f["startup_s"] == sum(f["startup"].values()) and f["peak_memory_allocated_mib"] > 0
         assert f["val_first"]["step"] == 0 and abs(f["val_first"]["val_loss"] - math.log(1024)) < 0.01
         assert f["val_last"]["step"] == steps and math.isfinite(f["val_last"]["val_loss"])
+    # compiled in the dry run too: stage 3 compiles the model's three graphs into the empty cache, stage 4 finds them
+    assert stages[3]["figures"]["compile"] == {"model_graphs": 2, "recompiles_after_warmup": 0, "cache_hits": 0,
+                                               "cache_misses": 3}
+    assert stages[4]["figures"]["compile"] == {"model_graphs": 2, "recompiles_after_warmup": 0, "cache_hits": 3,
+                                               "cache_misses": 0}
+    assert stages[5]["figures"]["compile"]["model_graphs"] == 0
     assert " -m torch.distributed.run --standalone --nproc_per_node=1 train_gpt.py " in (out / "5_log.txt").read_text()
     profile = stages[6]["figures"]
     assert profile["kind"] == "CPU operators" and len(profile["rows"]) == 15 and profile["step_ms"] > 0
@@ -51,6 +58,7 @@ def test_the_dry_run_runs_every_stage_and_reports_its_figures(tmp_path):
         ["| 1 machine", "ok"], ["| 2 tests/test_gpu.py", "ok"], ["| 3 record 43, cold compile cache", "ok"],
         ["| 4 record 43, warm compile cache", "ok"], ["| 5 torchrun, 1 process", "ok"], ["| 6 profile", "ok"]]
     assert f"val loss 6.9315 at step 0 -> {stages[3]['figures']['val_last']['val_loss']:.4f} at 4" in rows[2]
+    assert "2 model graphs, 0 recompiles after warm-up, 0 graphs compiled into the compile cache and 3 found there" in rows[3]
     assert "## The 15 CPU operators that take the most time" in markdown and markdown in result.stdout
 
 

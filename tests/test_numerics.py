@@ -877,7 +877,7 @@ class CountingLog:
     def line(self, text):
         self.lines.append(text)
 
-    def compiled(self, model_graphs, recompiles_after_warmup):
+    def compiled(self, model_graphs, recompiles_after_warmup, cache_hits, cache_misses):
         self.counts = (model_graphs, recompiles_after_warmup)
 
 

@@ -4,8 +4,10 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ import torch
 import train_gpt as tg
 from data.shards import write_shard
 from data.synthetic import generate
+from test_download import hub_env, start_hub  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 1024
@@ -322,13 +325,15 @@ def bad_inputs(shards, tmp_path) -> dict[str, tuple[list[str], str]]:
 @pytest.mark.parametrize("case", ["no train files", "truncated shard", "not a shard", "tokens beyond the vocabulary",
                                   "BOS of another vocabulary", "too few validation tokens", "log folder is a file",
                                   "checkpoint folder missing", "checkpoint is a folder"])
-def test_bad_inputs_stop_the_run_before_it_has_a_record(shards, tmp_path, case):
+def test_bad_inputs_stop_the_run_before_it_has_a_record(shards, tmp_path, capsys, case):
+    """In this process, through main() as the command runs it (test_cli_errors_exit_non_zero_with_one_line runs the
+    command itself)."""
     flags, message = bad_inputs(shards, tmp_path)[case]
-    result = run_trainer(tiny_args(shards, tmp_path, *flags), tmp_path)
-    assert result.returncode == 2
-    (line,) = result.stderr.splitlines()  # one line, no traceback
+    assert tg.main(tiny_args(shards, tmp_path, *flags)) == 2
+    out = capsys.readouterr()
+    (line,) = out.err.splitlines()  # one line, no traceback
     assert line.startswith("error: ") and message in line
-    assert "record:" not in result.stdout and files_in(tmp_path / "logs") == []
+    assert "record:" not in out.out and files_in(tmp_path / "logs") == []
 
 
 def test_a_world_size_that_does_not_divide_the_batch_is_refused_by_rank_0(shards, tmp_path):
@@ -368,6 +373,30 @@ def test_main_sets_what_the_run_needs_for_the_run_only(shards, tmp_path, monkeyp
     assert after == ours
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] != seen["cache"]
     assert not torch.distributed.is_initialized()
+
+
+def test_validation_and_checkpoints_stay_out_of_the_training_time(shards, tmp_path, monkeypatch):
+    """Each validation and each checkpoint takes 1000 s more on the run's clock (time.perf_counter, moved on as they
+    start): the training time of 4 tiny steps stays below what one of them would add to it."""
+    late = [0.0]
+    clock = time.perf_counter
+    monkeypatch.setattr(time, "perf_counter", lambda: clock() + late[0])
+
+    def taking_1000_s(work):
+        def run(*args, **kwargs):
+            late[0] += 1000
+            return work(*args, **kwargs)
+        return run
+    monkeypatch.setattr(tg, "evaluate", taking_1000_s(tg.evaluate))
+    monkeypatch.setattr(tg, "save_checkpoint", taking_1000_s(tg.save_checkpoint))
+    assert tg.main(tiny_args(shards, tmp_path, "--max_steps=4", "--warmup_steps=0", "--val_loss_every=2",
+                             "--val_tokens=1024", "--save_every=2", f"--checkpoint_dir={tmp_path / 'checkpoints'}")) == 0
+    record, text = record_of(tmp_path)
+    assert late[0] == 5000 and [v["step"] for v in record["val"]] == [0, 2, 4]  # 3 validations, checkpoints at 2, 4
+    assert record["status"] == "finished" and 0 < record["train_time_ms"] < 1e6
+    log = text.split(tg.SEPARATOR)[-1]
+    times = [int(line.split("train_time:")[1].split("ms")[0]) for line in log.splitlines() if "train_time:" in line]
+    assert len(times) == 4 + 3 and max(times) < 1e6
 
 
 def test_a_non_finite_loss_stops_the_run_with_its_step(shards, tmp_path):
@@ -410,16 +439,13 @@ def test_an_interrupted_run_says_where_it_stopped(shards, tmp_path, signum):
     assert text.rstrip().splitlines()[-1] == summary
 
 
-def test_tiny_preset_trains_and_writes_its_record(shards, tmp_path):
-    """The tiny preset on a 40-step schedule: the record's format, and a final loss within a band around the
-    measured one, so that a regression anywhere in the pipeline shows here."""
-    checkpoint = tmp_path / "model.pt"
-    result = run_trainer(tiny_args(shards, tmp_path, "--num_scheduled_iterations=36", "--num_extension_iterations=4",
-                                   "--val_loss_every=20", f"--checkpoint={checkpoint}"), tmp_path)
-    assert result.returncode == 0, result.stderr
-    record, text = record_of(tmp_path)
-    txt_path = tmp_path / "logs" / record["log_file"]
-    assert f"record: {txt_path}" in result.stdout
+def test_tiny_preset_writes_its_record(tiny_run):  # once per --compile mode
+    """The whole tiny preset's record, both files, in the format that public tools and records/compare.py read, with
+    the very losses the run computed (tests/test_golden.py holds those to the golden file)."""
+    record = json.loads(tiny_run.record.read_text())
+    text = tiny_run.record.with_suffix(".txt").read_text()
+    txt_path = tiny_run.record.with_suffix(".txt")
+    assert f"record: {txt_path}" in tiny_run.stdout and record["log_file"] == txt_path.name
     assert txt_path.name[:19].replace("_", " ").count("-") == 4 and txt_path.stem.endswith(record["run_id"])
 
     source, header_part, log = text.split(tg.SEPARATOR + "\n")
@@ -428,47 +454,45 @@ def test_tiny_preset_trains_and_writes_its_record(shards, tmp_path):
     assert f"PyTorch {torch.__version__}" in header_part
     lines = log.splitlines()
     val_lines = [line for line in lines if "val_loss:" in line]
-    assert [line.split()[0] for line in val_lines] == ["step:0/40", "step:20/40", "step:40/40"]
-    assert "eta" not in val_lines[0] + val_lines[2] and re.fullmatch(r"step:20/40 val_loss:\S+ .*ms eta:\d+s", val_lines[1])
+    assert [line.split()[0] for line in val_lines] == [f"step:{s}/80" for s in (0, 20, 40, 60, 80)]
+    assert "eta" not in val_lines[0] + val_lines[-1]
+    assert all(re.fullmatch(r"step:\d+/80 val_loss:\S+ .*ms eta:\d+s", line) for line in val_lines[1:-1])
+    assert [line.split()[1] for line in val_lines] == [f"val_loss:{tiny_run.val[str(s)]:.4f}" for s in (0, 20, 40, 60, 80)]
     steps = step_lines(log)
-    assert len(steps) == 40
+    assert len(steps) == 80
     for step, line in enumerate(steps, 1):  # the public fields first, then the training loss and the throughput
         fields = dict(field.split(":") for field in line.split())
         assert list(fields) == ["step", "train_time", "step_avg", "train_loss", "tokens/s"]
-        assert fields["step"] == f"{step}/40" and fields["train_time"].endswith("ms")
-        assert 0 < float(fields["train_loss"]) < 7.5 and float(fields["tokens/s"]) > 0
-    assert float(steps[-1].split("train_loss:")[1].split()[0]) < float(steps[0].split("train_loss:")[1].split()[0]) - 1
+        assert fields["step"] == f"{step}/80" and fields["train_time"].endswith("ms") and float(fields["tokens/s"]) > 0
+        assert fields["train_loss"] == f"{tiny_run.train[step - 1]:.4f}"  # on the CPU, each step's own loss
     assert lines[-2].startswith("peak memory allocated: ") and lines[-2].endswith(" MiB")
-    assert lines[-1] == (f"finished: val_loss {record['final_val_loss']:.4f} after 40 steps, "
+    assert lines[-1] == (f"finished: val_loss {record['final_val_loss']:.4f} after 80 steps, "
                          f"{record['train_time_ms'] / 1000:.1f}s of training, {record['startup_s']:.1f}s of start-up; "
                          f"record: {txt_path}")
 
     assert record["status"] == "finished" and record["error"] is None
-    assert [v["step"] for v in record["val"]] == [0, 20, 40]
-    losses = [v["val_loss"] for v in record["val"]]
-    assert abs(losses[0] - np.log(VOCAB)) < 0.01  # a zero lm_head predicts uniformly
-    assert 5.35 < losses[2] < 5.55  # measured 5.45 (the whole tiny preset, 80 steps: about 4.7)
-    assert val_lines[-1].split()[1] == f"val_loss:{losses[-1]:.4f}" and record["final_val_loss"] == losses[-1]
-    assert record["steps_done"] == 40 and record["num_steps"] == 40
-    assert record["train_time_ms"] > 0 and abs(record["step_avg_ms"] - record["train_time_ms"] / 40) < 1e-6
+    assert [(str(v["step"]), v["val_loss"]) for v in record["val"]] == list(tiny_run.val.items())
+    assert record["final_val_loss"] == tiny_run.val["80"] and record["steps_done"] == record["num_steps"] == 80
+    assert record["train_time_ms"] > 0 and abs(record["step_avg_ms"] - record["train_time_ms"] / 80) < 1e-6
     assert record["env"]["device"] == "cpu" and record["env"]["world_size"] == 1
     assert record["peak_memory_allocated_mib"] > 0
-    state = torch.load(checkpoint)
+    state = torch.load(tiny_run.checkpoint)
     assert state["lm_head"].shape == (VOCAB, 64) and state["lm_head"].abs().sum() > 0
 
     # records/compare.py reads both files of the run the same way
-    for path in (txt_path, txt_path.with_suffix(".json")):
+    for path in (txt_path, tiny_run.record):
         summary = subprocess.run([sys.executable, str(ROOT / "records" / "compare.py"), "summary", str(path), "--json"],
                                  capture_output=True, text=True, check=True)
         (run,) = json.loads(summary.stdout)["runs"]
-        assert run["final_step"] == 40 and run["incomplete"] is None
-        assert abs(run["final_val_loss"] - losses[-1]) < 1e-4
+        assert run["final_step"] == 80 and run["incomplete"] is None
+        assert abs(run["final_val_loss"] - tiny_run.val["80"]) < 1e-4
         assert abs(run["train_time_s"] - record["train_time_ms"] / 1000) < 1e-3
 
 
 def fake_nvidia_smi(folder, gpus: int, compute_cap: str = "8.0"):
     """An nvidia-smi that lists `gpus` GPUs (none: fails) and answers the compute-capability query, first on PATH;
-    then this interpreter as python3, which has all that run.sh needs, so that run.sh uses it as it is."""
+    then this interpreter as python3, which has all that run.sh needs, so that run.sh uses it as it is; and DATA_PATH
+    in the folder, so that run.sh makes its shards there, not in the checkout."""
     listing = "".join(f"echo 'GPU {i}: Fake GPU'; " for i in range(gpus))
     query = f'[ "$1" = --query-gpu=compute_cap ] && {{ echo {compute_cap}; exit 0; }}\n' if gpus else ""
     (folder / "nvidia-smi").write_text(f"#!/bin/sh\n{query}{listing}exit {0 if gpus else 9}\n")
@@ -477,19 +501,52 @@ def fake_nvidia_smi(folder, gpus: int, compute_cap: str = "8.0"):
     python.mkdir(exist_ok=True)
     (python / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # not a link: a venv's Python
     (python / "python3").chmod(0o755)  # finds its environment from the path it is started by
-    return {**os.environ, "PATH": f"{folder}:{python}:{os.environ['PATH']}"}
+    return {**os.environ, "PATH": f"{folder}:{python}:{os.environ['PATH']}", "DATA_PATH": str(folder)}
+
+
+def fineweb_named_shards(shards, data_path) -> Path:
+    """The tiny shards where run.sh's GPU branch looks for FineWeb's, under their names, all 9 training shards that it
+    wants (copies of one), so that it downloads nothing."""
+    data = data_path / "data" / "fineweb10B"
+    data.mkdir(parents=True)
+    (data / "fineweb_val_000000.bin").write_bytes((shards / "val_000000.bin").read_bytes())
+    for i in range(1, 10):
+        (data / f"fineweb_train_{i:06d}.bin").write_bytes((shards / "train_000001.bin").read_bytes())
+    return data
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_run_sh_on_two_nodes_trains_as_two_processes_on_one(shards, tmp_path, three_steps):
+    """run.sh's multi-node launch: two nodes of one (stand-in) GPU each, NNODES=2 and NODE_RANK 0 and 1, both on
+    127.0.0.1, started as on two machines, run the tiny preset on the CPU: the same run as two processes on one node,
+    to the validation losses."""
+    fineweb_named_shards(shards, tmp_path)
+    env = {**fake_nvidia_smi(tmp_path, 1), "OMP_NUM_THREADS": "1", "NNODES": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    flags = ["--preset=tiny", "--device=cpu", "--max_steps=3", "--val_loss_every=0", "--warmup_steps=0",
+             f"--log_dir={tmp_path / 'logs'}"]
+    nodes = [subprocess.Popen([str(ROOT / "run.sh"), *flags], cwd=tmp_path, env={**env, "NODE_RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert all("1 NVIDIA GPU(s) found: running tiny under torchrun on them" in out for out, _ in outputs)
+    record, _ = record_of(tmp_path)  # rank 0's, on node 0
+    two_processes, _ = three_steps(2, "--warmup_steps=0")
+    assert record["env"]["world_size"] == 2 and record["status"] == "finished"
+    assert [(v["step"], v["val_loss"]) for v in record["val"]] == [(v["step"], v["val_loss"]) for v in two_processes["val"]]
 
 
 def test_run_sh_with_gpus_launches_torchrun_on_the_local_shards(shards, tmp_path):
     """The GPU branch's wiring: shards already in $DATA_PATH/data/fineweb10B are not downloaded again, torchrun
     starts one process per listed GPU, and the arguments pass through (here: the tiny preset, run on the CPU). On a
     Hopper without flash-attn-4 it says how to add it to python3, which it uses as it is, and goes on without it."""
-    data = tmp_path / "data" / "fineweb10B"
-    data.mkdir(parents=True)
-    (data / "fineweb_val_000000.bin").write_bytes((shards / "val_000000.bin").read_bytes())
-    for i in range(1, 10):
-        (data / f"fineweb_train_{i:06d}.bin").write_bytes((shards / "train_000001.bin").read_bytes())
-    env = {**fake_nvidia_smi(tmp_path, 2, compute_cap="9.0"), "DATA_PATH": str(tmp_path), "OMP_NUM_THREADS": "1",
+    data = fineweb_named_shards(shards, tmp_path)
+    env = {**fake_nvidia_smi(tmp_path, 2, compute_cap="9.0"), "OMP_NUM_THREADS": "1",
            "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path)}
     result = subprocess.run([str(ROOT / "run.sh"), "--preset=tiny", "--device=cpu", "--max_steps=2",
                              f"--log_dir={tmp_path / 'logs'}"], cwd=tmp_path, env=env, capture_output=True,
@@ -503,9 +560,29 @@ def test_run_sh_with_gpus_launches_torchrun_on_the_local_shards(shards, tmp_path
     assert record["config"]["train_files"] == f"{data}/fineweb_train_*.bin"
 
 
+def test_run_sh_with_gpus_downloads_the_missing_shards_into_data_path(shards, tmp_path, start_hub):
+    """With no shards in $DATA_PATH/data/fineweb10B, the GPU branch downloads the validation shard and the record's 9
+    training shards there (from a stand-in for the Hub on 127.0.0.1 that serves the tiny shards under FineWeb's
+    names) and trains on them."""
+    names = ["fineweb_val_000000.bin", *(f"fineweb_train_{i:06d}.bin" for i in range(1, 10))]
+    served = {name: (shards / ("val_000000.bin" if "val" in name else "train_000001.bin")).read_bytes() for name in names}
+    hub = start_hub(served)
+    env = {**hub_env(hub, tmp_path / "data"), "PATH": fake_nvidia_smi(tmp_path, 1)["PATH"], "DATA_PATH": str(tmp_path),
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([str(ROOT / "run.sh"), "--preset=tiny", "--device=cpu", "--max_steps=1", "--warmup_steps=0",
+                             f"--log_dir={tmp_path / 'logs'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = tmp_path / "data" / "fineweb10B"
+    assert sorted(p.name for p in data.iterdir()) == sorted(names)
+    assert [name for name in names if (data / name).read_bytes() != served[name]] == []
+    record, _ = record_of(tmp_path)
+    assert record["status"] == "finished" and record["config"]["train_files"] == f"{data}/fineweb_train_*.bin"
+
+
 def test_run_sh_without_a_gpu_runs_the_tiny_preset_once_per_seed(tmp_path):
-    """The main job's CPU branch, cut short, with --runs=2: it makes its synthetic shards and leaves a record per
-    run, each with its own seed."""
+    """The main job's CPU branch, cut short, with --runs=2: it makes its synthetic shards in $DATA_PATH/data/synthetic
+    and leaves a record per run, each with its own seed."""
     env = fake_nvidia_smi(tmp_path, 0)  # whatever the machine has, no GPU answers
     result = subprocess.run([str(ROOT / "run.sh"), "--max_steps=2", "--runs", "2", f"--log_dir={tmp_path / 'logs'}"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -516,7 +593,7 @@ def test_run_sh_without_a_gpu_runs_the_tiny_preset_once_per_seed(tmp_path):
     assert sorted(r["config"]["seed"] for r in records) == [0, 1]
     for record in records:
         assert record["status"] == "finished" and record["config"]["preset"] == "tiny" and record["steps_done"] == 2
-        assert record["config"]["train_files"] == "data/synthetic/train_*.bin"
+        assert record["config"]["train_files"] == f"{tmp_path}/data/synthetic/train_*.bin"
     assert records[0]["final_val_loss"] != records[1]["final_val_loss"]
 
 
@@ -548,10 +625,22 @@ def final_state(tmp_path, shards, name, nproc=1, *extra):
     return record, torch.load(run_dir / "model.pt")
 
 
-def test_warmup_leaves_no_trace(shards, tmp_path):
+@pytest.fixture(scope="module")
+def three_steps(shards, tmp_path_factory):
+    """final_state of three steps, by the number of processes and the flags: each run once for the module's tests."""
+    made = {}
+
+    def get(nproc, *extra):
+        if (nproc, extra) not in made:
+            made[nproc, extra] = final_state(tmp_path_factory.mktemp("three_steps"), shards, "run", nproc, *extra)
+        return made[nproc, extra]
+    return get
+
+
+def test_warmup_leaves_no_trace(three_steps):
     """The warm-up steps train and then restore parameters, optimizer state and data order exactly."""
-    cold_record, cold = final_state(tmp_path, shards, "cold", 1, "--warmup_steps=0")
-    warm_record, warm = final_state(tmp_path, shards, "warm", 1, "--warmup_steps=5")
+    cold_record, cold = three_steps(1, "--warmup_steps=0")
+    warm_record, warm = three_steps(1, "--warmup_steps=5")
     assert cold_record["final_val_loss"] == warm_record["final_val_loss"]
     assert all(torch.equal(cold[k], warm[k]) for k in cold)
 
@@ -565,14 +654,14 @@ def relative_differences(a, b):
     return out
 
 
-def test_world_sizes_2_and_8_match_one_process_with_accumulation(shards, tmp_path):
+def test_world_sizes_2_and_8_match_one_process_with_accumulation(three_steps):
     """Same data, same steps: 1 process x 8 micro-steps, 2 x 4 and 8 x 1 give the same run within float noise.
     Adam's first steps are sign-like, so bf16 rounding in the gradient sums moves near-zero coordinates by up
     to +-lr; over three steps that leaves per-tensor differences of at most ~0.08 (measured), against ~1.4 for
     a run on other data."""
-    single_record, single = final_state(tmp_path, shards, "w1", 1, "--warmup_steps=0")
+    single_record, single = three_steps(1, "--warmup_steps=0")
     for nproc in (2, 8):
-        record, state = final_state(tmp_path, shards, f"w{nproc}", nproc, "--warmup_steps=0")
+        record, state = three_steps(nproc, "--warmup_steps=0")
         assert record["env"]["world_size"] == nproc
         assert abs(record["final_val_loss"] - single_record["final_val_loss"]) < 2e-4
         differences = relative_differences(single, state)
@@ -590,5 +679,24 @@ def test_the_whole_schedule_compiles_one_training_and_one_evaluation_graph(tiny_
     assert (config["window_schedule"], config["window_extension"], config["window_final_val"]) == ([3, 7, 11], 13, 20)
     assert config["compile"] == tiny_run.mode and record["steps_done"] == 80
     assert [v["step"] for v in record["val"]] == [0, 20, 40, 60, 80]
-    assert record["compile"] == {"model_graphs": graphs, "recompiles_after_warmup": 0}
+    # on its empty compile cache, inductor compiled the training graph's forward and backward and the evaluation graph
+    assert record["compile"] == {"model_graphs": graphs, "recompiles_after_warmup": 0, "cache_hits": 0,
+                                 "cache_misses": 3 if graphs else 0}
     assert "warning" not in tiny_run.record.with_suffix(".txt").read_text().split(tg.SEPARATOR)[-1]
+
+
+def test_cold_start_sh_compiles_on_an_empty_cache_and_reuses_it_on_the_second_start(tmp_path):
+    """benchmarks/cold_start.sh, cut to 2 steps: the tiny preset compiled on the CPU, first on an empty compile cache,
+    where inductor compiles the model's three graphs (training forward and backward, evaluation) into it, then on
+    that cache, where it finds all three and compiles none. Its shards go to $DATA_PATH, not the checkout."""
+    result = subprocess.run([str(ROOT / "benchmarks" / "cold_start.sh"), "--max_steps=2", "--val_loss_every=0"],
+                            env={**os.environ, "DATA_PATH": str(tmp_path), "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    empty, warm = result.stdout.splitlines()
+    assert empty.startswith("empty cache: 2 model graphs (0 after the warm-up), 3 graphs compiled into the cache and 0 "
+                            "found there, ")
+    assert warm.startswith("warm cache: 2 model graphs (0 after the warm-up), 0 graphs compiled into the cache and 3 "
+                           "found there, ")
+    assert all(line.endswith(f"; cpu, torch {torch.__version__}") for line in (empty, warm))
+    assert (tmp_path / "data" / "synthetic" / "val_000000.bin").is_file()
