@@ -434,14 +434,15 @@ def test_tiny_preset_trains_and_writes_its_record(shards, tmp_path):
     assert len(steps) == 40
     for step, line in enumerate(steps, 1):  # the public fields first, then the training loss and the throughput
         fields = dict(field.split(":") for field in line.split())
-        assert list(fields) == ["step", "train_time", "step_avg", "train_loss", "tokens/s"]
+        assert list(fields) == ["step", "train_time", "step_avg", "train_loss", "tokens/s", "eta"]
+        assert abs(float(fields["eta"][:-1]) - (40 - step) * float(fields["step_avg"][:-2]) / 1000) <= 0.5 + 1e-3
         assert fields["step"] == f"{step}/40" and fields["train_time"].endswith("ms")
         assert 0 < float(fields["train_loss"]) < 7.5 and float(fields["tokens/s"]) > 0
     assert float(steps[-1].split("train_loss:")[1].split()[0]) < float(steps[0].split("train_loss:")[1].split()[0]) - 1
     assert lines[-2].startswith("peak memory allocated: ") and lines[-2].endswith(" MiB")
     assert lines[-1] == (f"finished: val_loss {record['final_val_loss']:.4f} after 40 steps, "
                          f"{record['train_time_ms'] / 1000:.1f}s of training, {record['startup_s']:.1f}s of start-up; "
-                         f"record: {txt_path}")
+                         f"record: {txt_path}, {txt_path.with_suffix('.json')}")
 
     assert record["status"] == "finished" and record["error"] is None
     assert [v["step"] for v in record["val"]] == [0, 20, 40]
