@@ -1213,8 +1213,25 @@ def finite_number(text: str) -> float:
     return value
 
 
+class CommandParser(argparse.ArgumentParser):
+    """argparse that names the flag meant where an unknown one is close to one of any command's."""
+
+    def error(self, message):
+        unknown = re.match(r"unrecognized arguments: (-[\w-]+)", message)
+        close = difflib.get_close_matches(unknown[1], self.known_flags(), n=1) if unknown else []
+        super().error(message + (f" (did you mean {close[0]}?)" if close else ""))
+
+    def known_flags(self) -> list[str]:
+        flags = []
+        for action in self._actions:
+            flags += action.option_strings
+            if isinstance(action, argparse._SubParsersAction):
+                flags += [flag for sub in action.choices.values() for flag in sub.known_flags()]
+        return flags
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python records/compare.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Summarise and compare speedrun runs against each other, against published records and "
                     "against baselines of your own.",
