@@ -309,9 +309,14 @@ def batch_split(cfg: Config, world_size: int) -> tuple[int, int]:
     grad_accum = max(1, cfg.train_batch_tokens // (world_size * cfg.micro_batch_tokens))
     micro_tokens, rest = divmod(cfg.train_batch_tokens, world_size * grad_accum)
     if rest or micro_tokens > cfg.micro_batch_tokens:
+        per_rank, uneven = divmod(cfg.train_batch_tokens, world_size)
+        if uneven:
+            fix = "use a world size that divides it (1, 2, 4, 8, 16, ...) or change --train_batch_tokens"
+        else:
+            fits = max(d for d in range(1, cfg.micro_batch_tokens + 1) if per_rank % d == 0)
+            fix = f"use --micro_batch_tokens={fits}, the most that divides the {per_rank} tokens of each process"
         raise ConfigError(f"the global batch of {cfg.train_batch_tokens} tokens cannot be split evenly over {world_size} "
-                          f"processes with at most {cfg.micro_batch_tokens} tokens each per micro-step; "
-                          "use a world size that divides it (1, 2, 4, 8, 16, ...) or change --train_batch_tokens")
+                          f"processes with at most {cfg.micro_batch_tokens} tokens each per micro-step; {fix}")
     return grad_accum, micro_tokens
 
 
@@ -1773,6 +1778,10 @@ def check_inputs(cfg: Config, rank: int, world: int, device, settings: contextli
     HellaSwag file, the folders rank 0 writes to, the compile cache (set for the run in `settings`) and the
     attention kernel."""
     grad_accum, micro_tokens = batch_split(cfg, world)
+    if device.type == "cpu" and cfg.preset != "tiny" and not glob.glob(cfg.train_files):
+        raise DataError(f"--train_files={cfg.train_files} matches no files, and on a CPU the {cfg.preset} preset would "
+                        "take days: run the tiny preset (a few minutes) with `./run.sh`, or `python data/synthetic.py "
+                        "--vocab_size 1024` then `python train_gpt.py --preset=tiny`")
     train_files = list_shards(cfg.train_files, "train_files")
     check_first_shard(train_files[0], cfg)
     val_data = val_batches(list_shards(cfg.val_files, "val_files"), cfg, rank, world, device)

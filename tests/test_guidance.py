@@ -236,3 +236,25 @@ def test_a_mistyped_flag_gets_the_one_meant(tmp_path):
     code, _, err = cli("summary", "record43", "--tagret", "4.7")
     assert code == 2 and err.splitlines()[-1] == ("python records/compare.py: error: unrecognized arguments: --tagret "
                                                   "4.7 (did you mean --target?)")
+
+
+# -----------------------------------------------------------------------------
+# Suggestions that name what works
+
+def test_a_micro_batch_that_does_not_divide_gets_one_that_does():
+    cfg = tg.parse_config(["--preset=tiny", "--micro_batch_tokens=300"])
+    with pytest.raises(tg.ConfigError) as e:
+        tg.batch_split(cfg, 1)
+    assert str(e.value).endswith("; use --micro_batch_tokens=256, the most that divides the 2048 tokens of each process")
+    assert tg.batch_split(tg.parse_config(["--preset=tiny", "--micro_batch_tokens=256"]), 1) == (8, 256)
+    with pytest.raises(tg.ConfigError, match="use a world size that divides it"):
+        tg.batch_split(cfg, 3)
+
+
+@pytest.mark.skipif(tg.torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_record_preset_on_a_cpu_without_shards_points_at_the_tiny_preset(tmp_path):
+    result = run_trainer([], tmp_path)
+    assert result.returncode == 2 and result.stderr == (
+        "error: --train_files=data/fineweb10B/fineweb_train_*.bin matches no files, and on a CPU the record43 preset "
+        "would take days: run the tiny preset (a few minutes) with `./run.sh`, or `python data/synthetic.py "
+        "--vocab_size 1024` then `python train_gpt.py --preset=tiny`\n")
