@@ -462,7 +462,7 @@ def incomparable(runs: RunSet, baseline: RunSet) -> str | None:
         if mine and theirs and mine != theirs:
             return (f"{runs.name} and the baseline {baseline.name} are different models ({name} "
                     f"{'; '.join(sorted(mine))} | {'; '.join(sorted(theirs))}): their losses and times do not "
-                    "compare; each side's own figures follow")
+                    "compare")
     return None
 
 
@@ -926,7 +926,8 @@ def render_incomparable(d: dict) -> str:
         return (f"{role:<9} {s['name']}: {plural(s['num_finished'], 'finished run')}, final loss mean "
                 f"{fmt(s['val_loss']['mean'], '.4f')} (target {s['target']}, {s['target_from']}), "
                 f"steps {', '.join(map(str, s['num_steps']))}, hardware {', '.join(s['hardware'])}")
-    return "\n".join([d["incomparable"], line("candidate", d["runs"]), line("baseline", d["baseline"])])
+    return "\n".join([d["incomparable"] + "; each side's own figures:", line("candidate", d["runs"]),
+                      line("baseline", d["baseline"])])
 
 
 def render_diff(d: dict, all_rows: bool = False) -> str:
@@ -1315,7 +1316,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "plot":
             sets = [runs] + ([baseline] if baseline else [])
-            for line in setup_warnings(sets) + check_metric(sets, args.metric):
+            reason = incomparable(runs, baseline) if baseline else None
+            for line in ([f"warning: {reason}"] if reason else setup_warnings(sets)) + check_metric(sets, args.metric):
                 print(line, file=sys.stderr)
             if baseline:  # the legend names the sides as diff does
                 sets = [dataclasses.replace(runs, name=side_label("candidate", runs, baseline)),

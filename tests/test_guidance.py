@@ -55,7 +55,7 @@ def test_a_diff_of_different_models_says_so_in_one_line_and_shows_each_sides_own
     assert code == 0 and err == ""
     assert out.splitlines() == [
         "logs and the baseline record43 are different models (model dim 64, 2 heads of 32 | dim 768, 6 heads of 128): "
-        "their losses and times do not compare; each side's own figures follow",
+        "their losses and times do not compare; each side's own figures:",
         "candidate logs: 1 finished run, final loss mean 4.7159 (target 4.8, the tiny preset's), steps 80, "
         "hardware 8x NVIDIA H100 80GB HBM3",
         "baseline  record43: 10 finished runs, final loss mean 3.2784 (target 3.28, the speedrun's), steps 2245, "
@@ -258,3 +258,19 @@ def test_a_record_preset_on_a_cpu_without_shards_points_at_the_tiny_preset(tmp_p
         "error: --train_files=data/fineweb10B/fineweb_train_*.bin matches no files, and on a CPU the record43 preset "
         "would take days: run the tiny preset (a few minutes) with `./run.sh`, or `python data/synthetic.py "
         "--vocab_size 1024` then `python train_gpt.py --preset=tiny`\n")
+
+
+def test_the_plot_names_the_sides_as_the_verdict_does(tmp_path, monkeypatch):
+    candidate, baseline = ab_folders(tmp_path, [4.70, 4.62], [4.7159, 4.6316])
+    drawn = {}
+    monkeypatch.setattr(compare, "plot", lambda sets, out, metric, target: drawn.update(
+        legend=[t.get_text() for t in compare.figure(sets, metric, target).legends[0].get_texts()]))
+    code, out, err = cli("plot", candidate, "--baseline", baseline, "-o", tmp_path / "curves.png")
+    assert code == 0 and err == ""
+    assert drawn["legend"] == ["candidate (--adam_weight_decay=0.005) (2 runs)", "baseline (--adam_weight_decay=0.0) "
+                               "(2 runs)", "target 4.8"]
+    # a tiny run drawn against record 43: the one line that says they do not compare, not a warning per field
+    code, out, err = cli("plot", candidate, "--baseline", "record43", "-o", tmp_path / "curves.png")
+    assert code == 0 and err.splitlines() == [
+        "warning: candidate and the baseline record43 are different models (model dim 64, 2 heads of 32 | dim 768, 6 "
+        "heads of 128): their losses and times do not compare"]
