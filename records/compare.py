@@ -788,7 +788,7 @@ def render_summary(s: dict) -> str:
             for r in s["runs"]]
     unfinished = s["num_runs"] - s["num_finished"]
     counts = plural(s["num_runs"], "run") + (f" ({unfinished} unfinished)" if unfinished else "")
-    out = s["warnings"] + [f"{s['name']}: {counts}, hardware {', '.join(s['hardware'])}", "",
+    out = [summary_verdict(s)] + s["warnings"] + [f"{s['name']}: {counts}, hardware {', '.join(s['hardware'])}", "",
                            table(["run", "steps", "val loss", "time (s)", "ms/step"], rows)]
     out += [f"* unfinished, not in the statistics, {r['source']}: {r['incomplete']}" for r in s["runs"] if r["incomplete"]]
     t = s["t_test_below_target"]
@@ -805,6 +805,17 @@ def render_summary(s: dict) -> str:
         out.append(f"peak memory  {s['peak_memory_mib']['allocated']} MiB allocated, "
                    f"{s['peak_memory_mib']['reserved']} MiB reserved")
     return "\n".join(out)
+
+
+def summary_verdict(s: dict) -> str:
+    """One line: whether the runs reach the target, how sure, and what the track's rule says."""
+    mean, t = s["val_loss"]["mean"], s["t_test_below_target"]
+    reach = "reach it" if mean < s["target"] else "do not reach it"
+    how = (f"below it at p = {t['p']:.2g} (one-sided t-test)" if not math.isnan(t["p"]) else
+           "no p-value without 2 runs that differ (./run.sh --runs=N makes N)")
+    track = "passes" if s["acceptance"]["passes"] else "does not pass"
+    return (f"verdict at target {s['target']} ({s['target_from']}): the runs {reach}, mean {mean:.4f} over "
+            f"{plural(s['num_finished'], 'finished run')}; {how}; the track's rule {track}")
 
 
 def track_verdict(figure: dict, yes: str, no: str) -> str:

@@ -39,6 +39,9 @@ def test_the_tiny_presets_target_is_reached_by_the_golden_run_and_judged_by_defa
     tiny_record(tmp_path / "logs", "r0", 0, golden["80"])
     code, out, err = cli("summary", tmp_path / "logs")
     assert code == 0, err
+    assert out.splitlines()[0] == (f"verdict at target {target} (the tiny preset's): the runs reach it, mean "
+                                   f"{golden['80']:.4f} over 1 finished run; no p-value without 2 runs that differ "
+                                   "(./run.sh --runs=N makes N); the track's rule passes")
     assert f"mean < {target}  p = n/a" in out and "(target: the tiny preset's)" in out
     figure = (target - golden["80"]) * math.sqrt(1)
     assert f"track rule   ({target} - {golden['80']:.4f}) x sqrt(1) = {figure:+.5f} >= 0.004: passes" in out
@@ -173,7 +176,7 @@ def test_a_set_mixing_settings_is_named_in_a_warning(tmp_path):
     tiny_record(tmp_path / "logs", "good", 0, 4.7159)
     tiny_record(tmp_path / "logs", "bad", 1, 7.1650, muon_lr=-1.0)
     code, out, _ = cli("summary", tmp_path / "logs")
-    assert code == 0 and out.splitlines()[0] == (
+    assert code == 0 and out.splitlines()[1] == (
         "warning: the runs of logs differ in muon_lr -1.0 | 0.03: their losses are not one setting's; pass each "
         "setting's runs as a set of its own")
 
