@@ -35,6 +35,7 @@ TARGET_KEY = "target_val_loss"          # the configuration's own target (train_
 TRACK_SIGMA = 0.0013
 TRACK_MARGIN = 0.004
 LOSS_PER_100_STEPS = 0.0045
+SURE_P = 0.05                           # a verdict calls a side better where its two-sided p-value is below this
 RECORDS_DIR = Path(__file__).resolve().parent
 RECORD_SUFFIXES = (".json", ".txt")
 RECORD_FORMAT = "train_gpt-record/1"    # the .json train_gpt.py writes beside its log
@@ -468,8 +469,9 @@ def incomparable(runs: RunSet, baseline: RunSet) -> str | None:
 
 def side_label(role: str, runset: RunSet, other: RunSet) -> str:
     """How a report names a side: its role, its name where that says more, the flags it differs from the other by."""
+    theirs = shared_settings(other)
     flags = " ".join(f"--{key}={flag_value(value)}" for key, value in shared_settings(runset).items()
-                     if shared_settings(other).get(key, value) != value)
+                     if theirs.get(key, value) != value)
     return role + (f" {runset.name}" if runset.name != role else "") + (f" ({flags})" if flags else "")
 
 
@@ -643,9 +645,6 @@ def summarise(runset: RunSet, target: float | None = None) -> dict:
         "peak_memory_mib": {"allocated": max(p[0] for p in peaks), "reserved": max(p[1] for p in peaks)}
         if peaks else None,
     }
-
-
-SURE_P = 0.05  # a difference is called where its two-sided p-value is below this
 
 
 def side(runset: RunSet, label: str, target: float) -> dict:
