@@ -17,8 +17,8 @@ CPU (a few minutes). Each run writes its record, a .txt log and a .json, into --
   --runs=N        N runs one after another, seeds 0 .. N-1 (a baseline for records/compare.py record)
   --ab="FLAGS"    an A/B comparison, with --runs=N of at least 2: N pairs of runs, the baseline (the arguments) and
                   the candidate (the arguments plus FLAGS) alternating seed by seed, into logs/ab/FLAGS/baseline and
-                  logs/ab/FLAGS/candidate (under --log_dir where given), then the verdict of the candidate against the
-                  baseline; the same command again goes on with the runs still missing
+                  logs/ab/FLAGS/candidate (with --log_dir=DIR: DIR/baseline and DIR/candidate), then the verdict of
+                  the candidate against the baseline; the same command again goes on with the runs still missing
   --help          this, then train_gpt.py's flags
 
 Several nodes: set NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT on each, as for torchrun.
