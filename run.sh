@@ -1,23 +1,43 @@
 #!/usr/bin/env bash
 # The main job. With NVIDIA GPUs: the record (record43 unless --preset says otherwise) under torchrun on every GPU
 # of this node, downloading the FineWeb shards first when they are missing. Without a GPU: the tiny preset on
-# synthetic shards on the CPU (a record preset is refused there). Extra arguments go to train_gpt.py, e.g.
-# ./run.sh --preset=record42
-# --runs=N: N runs one after another with seeds 0 .. N-1 (a baseline for records/compare.py record).
-# --ab="FLAGS" --runs=N: an A/B comparison, N pairs of runs alternating baseline and candidate (the arguments plus
-# FLAGS), seed by seed, into <log_dir>/a and <log_dir>/b, then the diff of b against a; run again, it goes on with the
-# runs still missing.
-# Several nodes: set NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT on each, as for torchrun.
-# DATA_PATH=DIR: the shards in DIR/data/ (fineweb10B/, or synthetic/ on the CPU) instead of this folder's data/.
+# synthetic shards on the CPU (a record preset is refused there). ./run.sh --help tells its flags.
 set -euo pipefail
 cd "$(dirname "$0")"
 . ./env.sh
+
+usage() {
+    cat <<'EOF'
+usage: ./run.sh [--runs=N] [--ab="FLAGS" --runs=N] [train_gpt.py's flags, e.g. --preset=record42]
+
+With NVIDIA GPUs: the record (record43 unless --preset says otherwise) under torchrun on every GPU of this node,
+downloading the FineWeb shards first when they are missing. Without a GPU: the tiny preset on synthetic shards on the
+CPU (a few minutes). Each run writes its record, a .txt log and a .json, into --log_dir (default logs/).
+
+  --runs=N        N runs one after another, seeds 0 .. N-1 (a baseline for records/compare.py record)
+  --ab="FLAGS"    an A/B comparison, with --runs=N of at least 2: N pairs of runs, the baseline (the arguments) and
+                  the candidate (the arguments plus FLAGS) alternating seed by seed, into logs/ab/FLAGS/baseline and
+                  logs/ab/FLAGS/candidate (with --log_dir=DIR: DIR/baseline and DIR/candidate), then the verdict of
+                  the candidate against the baseline; the same command again goes on with the runs still missing
+  --help          this, then train_gpt.py's flags
+
+Several nodes: set NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT on each, as for torchrun.
+DATA_PATH=DIR: the shards in DIR/data/ (fineweb10B/, or synthetic/ on the CPU) instead of this folder's data/.
+
+train_gpt.py's flags, which run.sh passes on:
+EOF
+}
 
 runs=1
 ab=()  # the --ab FLAGS, when given
 args=()
 while [ $# -gt 0 ]; do
     case "$1" in
+        -h|--help)
+            usage
+            ensure_env torch numpy
+            python train_gpt.py --help | tail -n +2  # its usage line is train_gpt.py's own
+            exit ;;
         --runs=*) runs="${1#--runs=}" ;;
         --runs) runs="${2-}"; [ $# -gt 1 ] && shift ;;
         --ab=*) ab=("${1#--ab=}") ;;
@@ -30,6 +50,17 @@ if ! [[ "$runs" =~ ^[1-9][0-9]*$ ]]; then
     echo "error: --runs=$runs: give the number of runs as a positive whole number, e.g. --runs=5" >&2
     exit 2
 fi
+if [ ${#ab[@]} -gt 0 ] && [ "$runs" -lt 2 ]; then
+    echo "error: --ab needs --runs=N, N pairs of runs with N at least 2 (the paired test needs 2 pairs, more make it" \
+         "surer): add --runs=4" >&2
+    exit 2
+fi
+
+started=$SECONDS
+# to_go DONE LEFT: ", about N min to go" for LEFT runs at the pace of the DONE ones this command made; empty before one
+to_go() {
+    if [ "$1" -gt 0 ]; then echo ", about $(( ((SECONDS - started) * $2 / $1 + 59) / 60 )) min to go"; fi
+}
 
 # each_seed COMMAND...: the command with the arguments, once, or once per seed with --runs (per pair with --ab)
 each_seed() {
@@ -42,7 +73,7 @@ each_seed() {
         return
     fi
     for ((seed = 0; seed < runs; seed++)); do
-        echo "run $((seed + 1)) of $runs, seed $seed"
+        echo "run $((seed + 1)) of $runs, seed $seed$(to_go "$seed" $((runs - seed)))"
         "$@" "${args[@]}" --seed="$seed"
     done
 }
@@ -50,7 +81,7 @@ each_seed() {
 # ab_pairs COMMAND...: the runs of the --ab comparison that are not finished yet, in their order (records/ab.py tells
 # which, and refuses a folder that holds another comparison), then the diff of the candidate against the baseline
 ab_pairs() {
-    local plan lines line role seed folder record flags=() extra i=0 rc
+    local plan lines line role seed folder record flags=() extra i=0 made=0 rc
     local -A folders  # of each role
     plan=$(python records/ab.py plan --runs="$runs" --flags="${ab[0]}" -- "$@" "${args[@]}") || exit
     mapfile -t lines <<< "$plan"
@@ -63,7 +94,8 @@ ab_pairs() {
             echo "run $i of ${#lines[@]}: $role, seed $seed: finished before, $record"
             continue
         fi
-        echo "run $i of ${#lines[@]}: $role, seed $seed"
+        echo "run $i of ${#lines[@]}: $role, seed $seed$(to_go "$made" $((${#lines[@]} - i + 1)))"
+        made=$((made + 1))
         extra=()
         [ "$role" = candidate ] && extra=("${flags[@]}")
         "$@" "${args[@]}" "${extra[@]}" --seed="$seed" --log_dir="$folder" || {

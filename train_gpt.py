@@ -128,6 +128,8 @@ class Config:
     lion_lr_scale: float = _arg(0.3, "Lion's lr is adam_lr x this, with Adam's per-parameter multipliers (the Lion "
                                      "paper: 3 to 10 times smaller than AdamW's, as a sign step is larger)")
     # run
+    target_val_loss: float = _arg(3.28, "the validation loss the run aims at: records/compare.py judges runs against "
+                                        "it (the speedrun's 3.28; the tiny preset sets its own)")
     warmup_steps: int = _arg(2, "untimed training steps, then a validation of one batch, before the run; then all "
                                 "state is reset. An even and an odd step compile every graph")
     val_loss_every: int = _arg(250, "steps between validations (0: only at the start and the end)")
@@ -170,13 +172,15 @@ class Config:
 PRESETS = {
     "record43": {},
     "record42": dict(num_scheduled_iterations=2245, weight_decay=0.0),
-    # a smoke run that learns: about 2 minutes on a CPU core, val loss 6.93 -> about 4.7 (data/synthetic.py shards)
+    # a smoke run that learns: about 2 minutes on a CPU core, val loss 6.93 -> about 4.7 (data/synthetic.py shards).
+    # Its target is the top of a healthy run's range: seeds 0-3 ended at 4.7159, 4.6316, 4.7161, 4.7041 (mean 4.692,
+    # std 0.041), so a healthy run reaches 4.8 and a broken one (a bad learning rate: above 5) does not.
     "tiny": dict(train_files="data/synthetic/train_*.bin", val_files="data/synthetic/val_*.bin",
                  vocab_size=1024, model_dim=64, num_heads=2, head_dim=32,
                  train_batch_tokens=8 * 256, micro_batch_tokens=256, val_seq_tokens=512, val_tokens=16 * 512,
                  max_doc_tokens=256, window_block=16, num_scheduled_iterations=72, num_extension_iterations=8,
                  adam_lr=0.03, embed_lr_mul=20.0, momentum_warmup_steps=30, momentum_cooldown_steps=5,
-                 val_loss_every=20),
+                 val_loss_every=20, target_val_loss=4.8),
 }
 CHOICES = {"preset": tuple(PRESETS), "device": ("auto", "cuda", "cpu"), "compile": ("auto", "on", "off"),
            "fp8_head": ("auto", "on", "off"), "attention": ("auto", "flash-attn-4", "varlen_attn"),
@@ -243,23 +247,45 @@ def parse_config(argv) -> Config:
     return cfg
 
 
+# The valid range of every numeric setting, checked before any compute: each is in exactly one of these.
+POSITIVE = ("val_tokens", "val_seq_tokens", "train_batch_tokens", "micro_batch_tokens", "max_doc_tokens", "vocab_size",
+            "model_dim", "num_heads", "head_dim", "num_scheduled_iterations", "window_block", "window_extension",
+            "window_final_val", "adam_lr", "adam_eps", "muon_lr", "lion_lr_scale", "keep_checkpoints",
+            "target_val_loss")
+NON_NEGATIVE = ("num_extension_iterations", "embed_lr_mul", "scalar_lr_mul", "mlp_in_lr_mul", "weight_decay",
+                "momentum_warmup_steps", "momentum_cooldown_steps", "adam_weight_decay", "embed_wd_mul",
+                "value_embed_wd_mul", "lm_head_wd_mul", "scalar_wd_mul", "warmup_steps", "val_loss_every",
+                "dense_val_every", "dense_val_steps", "max_steps", "seed", "save_every")
+FRACTIONS = ("cooldown_frac", "final_lr_frac")  # [0, 1]
+MOMENTA = ("adam_beta1", "adam_beta2", "muon_momentum", "muon_momentum_min", "muon_beta2", "lion_beta1",
+           "lion_beta2")  # [0, 1): 1 would never forget
+
+
+def preset_value(cfg: Config, name: str):
+    """The value of a setting in the run's preset: what a bad value is best replaced by."""
+    return PRESETS.get(cfg.preset, {}).get(name, FIELDS[name].default)
+
+
+def check_ranges(cfg: Config):
+    for name in POSITIVE + NON_NEGATIVE + FRACTIONS + MOMENTA:
+        value = getattr(cfg, name)
+        if name in POSITIVE:
+            wrong, allowed = not value > 0, "must be positive"
+        elif name in NON_NEGATIVE:
+            wrong, allowed = not value >= 0, "must not be negative"
+        elif name in FRACTIONS:
+            wrong, allowed = not 0 <= value <= 1, "must be in [0, 1]"
+        else:
+            wrong, allowed = not 0 <= value < 1, "must be in [0, 1)"
+        if wrong or (isinstance(value, float) and not math.isfinite(value)):
+            raise ConfigError(f"--{name}={value}: {allowed} (default {preset_value(cfg, name)})")
+
+
 def check_config(cfg: Config):
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"--{name}={getattr(cfg, name)}: choose one of {', '.join(allowed)}")
-    for name in ("val_tokens", "val_seq_tokens", "train_batch_tokens", "micro_batch_tokens", "max_doc_tokens",
-                 "model_dim", "num_heads", "head_dim", "num_scheduled_iterations", "window_block", "lion_lr_scale",
-                 "keep_checkpoints"):
-        if getattr(cfg, name) <= 0:
-            raise ConfigError(f"--{name}={getattr(cfg, name)}: must be positive")
-    for name in ("num_extension_iterations", "warmup_steps", "val_loss_every", "dense_val_every", "dense_val_steps",
-                 "max_steps", "weight_decay", "adam_weight_decay", "embed_wd_mul", "value_embed_wd_mul",
-                 "lm_head_wd_mul", "scalar_wd_mul", "save_every"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"--{name}={getattr(cfg, name)}: must not be negative")
-    for name in ("adam_beta1", "adam_beta2", "lion_beta1", "lion_beta2"):
-        if not 0 <= getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name}={getattr(cfg, name)}: must be in [0, 1) (default {FIELDS[name].default})")
+    check_ranges(cfg)
     if bool(cfg.dense_val_every) != bool(cfg.dense_val_steps):
         raise ConfigError(f"--dense_val_every={cfg.dense_val_every} --dense_val_steps={cfg.dense_val_steps}: give both "
                           "(validate every K steps over the last M), e.g. --dense_val_every=25 --dense_val_steps=200")
@@ -283,9 +309,14 @@ def batch_split(cfg: Config, world_size: int) -> tuple[int, int]:
     grad_accum = max(1, cfg.train_batch_tokens // (world_size * cfg.micro_batch_tokens))
     micro_tokens, rest = divmod(cfg.train_batch_tokens, world_size * grad_accum)
     if rest or micro_tokens > cfg.micro_batch_tokens:
+        per_rank, uneven = divmod(cfg.train_batch_tokens, world_size)
+        if uneven:
+            fix = "use a world size that divides it (1, 2, 4, 8, 16, ...) or change --train_batch_tokens"
+        else:
+            fits = max(d for d in range(1, cfg.micro_batch_tokens + 1) if per_rank % d == 0)
+            fix = f"use --micro_batch_tokens={fits}, the most that divides the {per_rank} tokens of each process"
         raise ConfigError(f"the global batch of {cfg.train_batch_tokens} tokens cannot be split evenly over {world_size} "
-                          f"processes with at most {cfg.micro_batch_tokens} tokens each per micro-step; "
-                          "use a world size that divides it (1, 2, 4, 8, 16, ...) or change --train_batch_tokens")
+                          f"processes with at most {cfg.micro_batch_tokens} tokens each per micro-step; {fix}")
     return grad_accum, micro_tokens
 
 
@@ -1760,6 +1791,10 @@ def check_inputs(cfg: Config, rank: int, world: int, device, settings: contextli
     HellaSwag file, the folders rank 0 writes to, the compile cache (set for the run in `settings`) and the
     attention kernel."""
     grad_accum, micro_tokens = batch_split(cfg, world)
+    if device.type == "cpu" and cfg.preset != "tiny" and not glob.glob(cfg.train_files):
+        raise DataError(f"--train_files={cfg.train_files} matches no files, and on a CPU the {cfg.preset} preset would "
+                        "take days: run the tiny preset (a few minutes) with `./run.sh`, or `python data/synthetic.py "
+                        "--vocab_size 1024` then `python train_gpt.py --preset=tiny`")
     train_files = list_shards(cfg.train_files, "train_files")
     check_first_shard(train_files[0], cfg)
     val_data = val_batches(list_shards(cfg.val_files, "val_files"), cfg, rank, world, device)
@@ -1994,7 +2029,7 @@ CHECKPOINT_FORMAT = "train_gpt-checkpoint/1"
 # Flags that may change when a run resumes: they steer or record the run but do not change what it computes.
 RESUMABLE_CHANGES = ("preset", "max_steps", "val_loss_every", "dense_val_every", "dense_val_steps", "warmup_steps",
                      "device", "compile", "compile_cache", "log_dir", "checkpoint", "save_every", "keep_checkpoints",
-                     "checkpoint_dir", "resume", "hellaswag", "attention", "analysis")
+                     "checkpoint_dir", "resume", "hellaswag", "attention", "analysis", "target_val_loss")
 
 
 # sample.py reads checkpoints in a single process, without a process group, on purpose.
@@ -2433,6 +2468,7 @@ class RunLog:
         if not self.enabled:
             return
         self.batch_tokens = cfg.train_batch_tokens
+        self.stop = final_step(cfg)  # the step the run ends at, for the time still to go
         peak = peak_bf16_flops(device)
         self.peak_flops = peak and peak * world  # of all GPUs together
         folder = Path(cfg.log_dir)  # made by check_output_folders
@@ -2504,8 +2540,8 @@ class RunLog:
             self.record.update(startup_s=seconds, startup=parts)
 
     def step(self, step: int, total_steps: int, train_ms: float, loss: float | None, flops: float):
-        """The public step line, then the newest training loss read (None before the first), the throughput and,
-        where the GPU's peak is known, the model FLOPs utilisation."""
+        """The public step line, then the newest training loss read (None before the first), the throughput,
+        where the GPU's peak is known the model FLOPs utilisation, and the training time still to go at this pace."""
         if not self.enabled:
             return
         loss_part = "" if loss is None else f" train_loss:{loss:.4f}"
@@ -2513,8 +2549,9 @@ class RunLog:
         self.record.update(steps_done=step, tokens_per_s=self.batch_tokens * step / seconds,
                            mfu=self.peak_flops and flops / seconds / self.peak_flops)
         mfu_part = f" mfu:{100 * self.record['mfu']:.1f}%" if self.peak_flops else ""
+        eta = (self.stop - step) * train_ms / step / 1000
         self.line(f"step:{step}/{total_steps} train_time:{train_ms:.0f}ms step_avg:{train_ms / step:.2f}ms"
-                  f"{loss_part} tokens/s:{self.record['tokens_per_s']:.0f}{mfu_part}")
+                  f"{loss_part} tokens/s:{self.record['tokens_per_s']:.0f}{mfu_part} eta:{eta:.0f}s")
 
     def val(self, step: int, stop: int, total_steps: int, loss: float, train_ms: float):
         """The public validation line, with the training time still to go before `stop` when it can be told."""
@@ -2561,7 +2598,7 @@ class RunLog:
                            peak_memory_reserved_mib=memory[1])
         self._write_json()
         self.line(f"finished: val_loss {final:.4f} after {steps} steps, {train_ms / 1000:.1f}s of training, "
-                  f"{self.record['startup_s']:.1f}s of start-up; record: {self.txt_path}")
+                  f"{self.record['startup_s']:.1f}s of start-up; record: {self.txt_path}, {self.json_path}")
         self.file.close()
 
     def fail(self, message: str):

@@ -65,9 +65,20 @@ def main(argv=None) -> None:
         folder = Path(os.environ["DATA_PATH"]) / "data" / "fineweb10B"
     else:
         folder = REPO_ROOT / "data" / "fineweb10B"
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     clear_staging(folder)
-    for name in shard_names(args.num_train_shards):
+    try:
+        fetch_shards(folder, args.num_train_shards)
+    except UserError:
+        if created and not any(folder.iterdir()):
+            folder.rmdir()  # a first download that failed leaves no empty folder to mistake for data
+        raise
+
+
+def fetch_shards(folder: Path, num_train_shards: int):
+    """The validation shard and the first num_train_shards training shards in `folder`, those there kept."""
+    for name in shard_names(num_train_shards):
         path = folder / name
         if is_valid_shard(path):
             print(f"{name}: already present, skipped")
@@ -77,7 +88,7 @@ def main(argv=None) -> None:
             path.unlink()
         num_tokens = download_shard(name, folder)
         print(f"{name}: downloaded ({num_tokens:,} tokens)")
-    print(f"{args.num_train_shards + 1} shards ready in {folder}")
+    print(f"{num_train_shards + 1} shards ready in {folder}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ can be changed with HF_ENDPOINT."""
 import errno
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+from urllib.parse import urlparse
 
 import httpx2
 from huggingface_hub import constants, hf_hub_download
@@ -22,9 +24,20 @@ def clear_staging(folder: Path):
         shutil.rmtree(leftover, ignore_errors=True)
 
 
+def check_host_resolves():
+    """Fail at once, as a failed connection, where the Hub's host name does not resolve (no network): the client
+    would retry for half a minute before giving up the same way."""
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, None)
+    except socket.gaierror as e:
+        raise httpx2.ConnectError(f"[Errno {e.errno}] {e.strerror}") from e
+
+
 def fetch(repo_id: str, filename: str, dest: Path, check):
     """Download `filename` of dataset repo `repo_id` to `dest` through a staging folder beside it. check(path) runs on
     the download before it takes its name and raises to refuse it; fetch returns what it returned."""
+    check_host_resolves()
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=dest.parent))
     try:
         path = Path(hf_hub_download(repo_id, filename, repo_type="dataset", local_dir=staging))

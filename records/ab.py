@@ -3,14 +3,16 @@
     python records/ab.py plan --runs=N --flags="FLAGS" -- python train_gpt.py --preset=tiny ARGS...
 
 The baseline is the trainer command as given, the candidate the same plus FLAGS; they run alternately, seed by seed
-(baseline seed 0, candidate seed 0, baseline seed 1, ...), into <log_dir>/a and <log_dir>/b. Each run is printed as a
-line ROLE<TAB>SEED<TAB>FOLDER<TAB>RECORD, in that order, RECORD being the finished record of that run where one is
-there already (empty where the run is to do). <log_dir>/ab.args keeps FLAGS and the command, so that the same
-command again goes on with the runs still missing, and another comparison is refused in that folder.
+(baseline seed 0, candidate seed 0, baseline seed 1, ...), into FOLDER/baseline and FOLDER/candidate, FOLDER being
+the command's --log_dir where it gives one, else logs/ab/FLAGS (apart from the single runs in logs/). Each run is
+printed as a line ROLE<TAB>SEED<TAB>FOLDER<TAB>RECORD, in that order, RECORD being the finished record of that run
+where one is there already (empty where the run is to do). FOLDER/ab.args keeps FLAGS and the command, so that the
+same command again goes on with the runs still missing, and another comparison is refused in that folder.
 """
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import train_gpt  # noqa: E402
 
 SAVED_FORMAT = "train_gpt-ab/1"
 SAVED_NAME = "ab.args"  # JSON; not .json, so that compare.py takes it for no record
-ROLES = (("baseline", "a"), ("candidate", "b"))
+ROLES = ("baseline", "candidate")  # each runs into the folder of its name
 SET_BY_THE_COMPARISON = ("seed", "log_dir")
 
 
@@ -42,7 +44,7 @@ def split_flags(text: str) -> list[str]:
         name = flag.removeprefix("--").split("=", 1)[0]
         if name in SET_BY_THE_COMPARISON:
             raise ABError(f"--ab={text}: --{name} is set by the comparison for each run; leave it out of --ab "
-                          "(--log_dir goes outside --ab: the runs go into its a/ and b/)")
+                          "(--log_dir goes outside --ab: the runs go into its baseline/ and candidate/)")
     return flags
 
 
@@ -68,6 +70,15 @@ def configs(command: list[str], flags: list[str]) -> tuple[train_gpt.Config, tra
     return baseline, candidate
 
 
+def comparison_folder(command: list[str], flags: list[str], log_dir: str) -> Path:
+    """The command's --log_dir where it gives one; else a folder of the comparison's own in the default one, named
+    after its flags (characters a folder name should not hold as _)."""
+    if any(arg == "--log_dir" or arg.startswith("--log_dir=") for arg in trainer_args(command)):
+        return Path(log_dir)
+    name = re.sub(r"[^A-Za-z0-9._=,+-]", "_", "_".join(flag.removeprefix("--") for flag in flags))
+    return Path(log_dir) / "ab" / name
+
+
 def finished_seeds(folder: Path) -> dict[int, str]:
     """The seed of every finished run in the folder, with its record file (the first, where a seed has several)."""
     if not folder.is_dir() or not any(p.suffix in (".json", ".txt") for p in folder.iterdir()):
@@ -90,8 +101,8 @@ def check_saved(log_dir: Path, flags: list[str], command: list[str], finished: b
     saved_path = log_dir / SAVED_NAME
     if finished:
         if not saved_path.is_file():
-            raise ABError(f"{log_dir}/a or /b holds finished runs but no {SAVED_NAME} telling of which comparison; "
-                          "give another --log_dir")
+            raise ABError(f"{log_dir}/baseline or /candidate holds finished runs but no {SAVED_NAME} telling of "
+                          "which comparison; give another --log_dir")
         try:
             saved = json.loads(saved_path.read_text())
             saved_flags, saved_command = list(saved["flags"]), list(saved["command"])
@@ -115,11 +126,10 @@ def plan(runs: int, flags_text: str, command: list[str]) -> list[tuple[str, int,
     if dataclasses.asdict(baseline) == dataclasses.asdict(candidate):
         print(f"warning: --ab={flags_text} leaves the configuration as it is: the candidate runs the baseline again",
               file=sys.stderr)
-    log_dir = Path(baseline.log_dir)
-    done = {folder: finished_seeds(log_dir / folder) for _, folder in ROLES}
+    log_dir = comparison_folder(command, flags, baseline.log_dir)
+    done = {role: finished_seeds(log_dir / role) for role in ROLES}
     check_saved(log_dir, flags, command, any(done.values()))
-    return [(role, seed, log_dir / folder, done[folder].get(seed, ""))
-            for seed in range(runs) for role, folder in ROLES]
+    return [(role, seed, log_dir / role, done[role].get(seed, "")) for seed in range(runs) for role in ROLES]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,13 +17,16 @@ import re
 import shutil
 import sys
 import tempfile
+import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy import stats
 
-TARGET_LOSS = 3.28                      # the speedrun's target validation loss, the default of --target
+TARGET_LOSS = 3.28                      # the speedrun's target validation loss, where the runs tell no other
+TARGET_KEY = "target_val_loss"          # the configuration's own target (train_gpt.py sets it with the preset)
 # The rules of the speedrun's optimization track (modded-nanogpt records/track_3_optimization/README.md). A result is
 # accepted when (target - mean loss) x sqrt(n) >= TRACK_MARGIN: a one-sided z-test with the runs' loss std taken as
 # TRACK_SIGMA, the margin being 3.09 sigma (p < 0.001). A result beats another when
@@ -32,7 +35,9 @@ TARGET_LOSS = 3.28                      # the speedrun's target validation loss,
 TRACK_SIGMA = 0.0013
 TRACK_MARGIN = 0.004
 LOSS_PER_100_STEPS = 0.0045
+SURE_P = 0.05                           # a verdict calls a side better where its two-sided p-value is below this
 RECORDS_DIR = Path(__file__).resolve().parent
+RECORD_SUFFIXES = (".json", ".txt")
 RECORD_FORMAT = "train_gpt-record/1"    # the .json train_gpt.py writes beside its log
 FIGURES_FORMAT = "speedrun-figures/1"   # published figures of a record, see records/README.md
 SEPARATOR = "=" * 100                   # ends the trainer's source code at the top of a log
@@ -52,6 +57,15 @@ CONFIG_LINE = "config: "                # train_gpt.py's configuration as JSON, 
 SETUP_FIELDS = ("preset", "steps", "model", "batch", "vocabulary", "data", "hardware")
 SETUP_KEYS = ("preset", "max_steps", "model_dim", "num_heads", "head_dim", "train_batch_tokens", "vocab_size",
               "train_files", "val_files", "val_tokens")
+# Setup fields in which two sets must agree for their losses to compare at all: the model's shape.
+SHAPE_FIELDS = ("model", "vocabulary")
+# Configuration keys that runs of one setting may differ in: the seed (what pairs them), where their files go and
+# what is measured besides the training. Every other key is a setting, compared between the runs of a set.
+UNCOMPARED_KEYS = ("seed", "log_dir", "checkpoint", "checkpoint_dir", "save_every", "keep_checkpoints", "resume",
+                   "compile_cache", "hellaswag", "analysis", TARGET_KEY)
+# The weight figures' groups that diff shows unless --all: those the trainer's log line shows
+KEY_GROUPS = ("attn", "mlp")
+CURVE_ROWS = 12                         # validation steps diff shows unless --all: evenly spread, the last kept
 
 # What plot --metric draws: the validation loss, or METRIC:NAME of a record's analysis (NAME a group or a part)
 VAL_LOSS = "val_loss"
@@ -90,6 +104,8 @@ class Run:
     config: dict | None = None       # its SETUP_KEYS, where the source tells them
     seed: int | None = None          # train_gpt.py's --seed: runs of two sets with one seed are paired in diff
     analysis: dict | None = None     # the record's "analysis" (weights at each validation), where it has one
+    settings: dict | None = None     # its configuration but UNCOMPARED_KEYS, where the source tells it
+    target: float | None = None      # the validation loss its configuration aims at, where it tells one
 
     @property
     def setup(self) -> dict[str, str]:
@@ -162,6 +178,18 @@ def describe_setup(config: dict | None, num_steps: int, hardware: str | None) ->
     return {name: setup[name] for name in SETUP_FIELDS if name in setup}
 
 
+def settings_of(config) -> dict | None:
+    """A configuration's keys that set what a run computes (all but UNCOMPARED_KEYS); None where it tells none."""
+    if not isinstance(config, dict):
+        return None
+    return {key: value for key, value in config.items() if key not in UNCOMPARED_KEYS}
+
+
+def target_of(config) -> float | None:
+    target = config.get(TARGET_KEY) if isinstance(config, dict) else None
+    return float(target) if isinstance(target, (int, float)) and not isinstance(target, bool) else None
+
+
 def seed_of(config) -> int | None:
     """The --seed of a train_gpt.py configuration; None where it does not tell."""
     seed = config.get("seed") if isinstance(config, dict) else None
@@ -202,7 +230,7 @@ def run_from_log(path: Path) -> Run:
         incomplete = f"log ends at step {steps_done} of {num_steps}, before the final validation"
     config = config_of_log(lines)
     return Run(path.stem, path, num_steps, steps_done, val[-1], None, val, incomplete, peak, setup_config(config),
-               seed_of(config))
+               seed_of(config), settings=settings_of(config), target=target_of(config))
 
 
 def run_from_record(path: Path, data: dict) -> Run:
@@ -214,6 +242,7 @@ def run_from_record(path: Path, data: dict) -> Run:
         allocated, reserved = data["peak_memory_allocated_mib"], data["peak_memory_reserved_mib"]
         name = str(data["run_id"])
         config, seed = setup_config(data.get("config")), seed_of(data.get("config"))
+        settings, target = settings_of(data.get("config")), target_of(data.get("config"))
         analysis = checked_analysis(data.get("analysis"))
     except (KeyError, TypeError, ValueError) as e:
         raise RecordError(f"{path}: damaged record, field {e} is missing or malformed; {damaged_fix(path)}")
@@ -225,7 +254,8 @@ def run_from_record(path: Path, data: dict) -> Run:
     where = "after" if status == "failed" else "at"  # as train_gpt.py says it: a failed step did not complete
     incomplete = None if status == "finished" else f"{status} {where} step {steps_done} of {num_steps}"
     peak = None if allocated is None or reserved is None else (int(allocated), int(reserved))
-    return Run(name, path, num_steps, steps_done, val[-1], hardware, val, incomplete, peak, config, seed, analysis)
+    return Run(name, path, num_steps, steps_done, val[-1], hardware, val, incomplete, peak, config, seed, analysis,
+               settings, target)
 
 
 def checked_analysis(analysis) -> dict | None:
@@ -251,13 +281,14 @@ def runs_from_figures(path: Path, data: dict) -> RunSet:
         peak = data.get("peak_memory_mib")
         peak = None if peak is None else (int(peak["allocated"]), int(peak["reserved"]))
         config = setup_config(data.get("config"))
+        settings, target = settings_of(data.get("config")), target_of(data.get("config"))
         runs = []
         for i, r in enumerate(data["runs"], 1):
             val = parse_points(r.get("val", []))
             final_step = val[-1].step if val else num_steps  # a run stopped by max_steps ends before num_steps
             final = ValPoint(final_step, float(r["final_val_loss"]), 1000 * float(r["train_time_s"]))
             runs.append(Run(f"{name} #{i}", path, num_steps, final_step, final, hardware, val, None, peak, config,
-                            seed_of(r)))
+                            seed_of(r), settings=settings, target=target))
         timings = [Timing(str(t["label"]), [float(x) for x in t["train_times_s"]])
                    for t in data.get("other_timings", [])]
     except (KeyError, TypeError, ValueError) as e:
@@ -305,11 +336,13 @@ def record_files(args: list[str]) -> list[tuple[Path, str | None]]:
     for arg in args:
         path = resolve(arg)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".json", ".txt"))
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in RECORD_SUFFIXES)
             if not found:
-                raise RecordError(f"{path}: the folder holds no .json or .txt record files; pass a folder "
-                                  "with records written by train_gpt.py, or the files themselves")
+                raise RecordError(empty_folder(path))
             files += [(p, path.resolve().name) for p in found]
+        elif path.suffix not in RECORD_SUFFIXES:
+            raise RecordError(f"{path}: not a record file: records are .json or .txt files (or folders of them) "
+                              "written by train_gpt.py, or published logs and figures")
         else:
             files.append((path, None))
     # A .json and the .txt log beside it describe one run: keep the .json; drop repeats.
@@ -322,6 +355,21 @@ def record_files(args: list[str]) -> list[tuple[Path, str | None]]:
         seen.add(key)
         kept.append((path, folder))
     return kept
+
+
+def empty_folder(path: Path) -> str:
+    """Why a folder holds no run, naming its subfolders that hold records (an A/B comparison's, several logs)."""
+    inner = sorted(p for p in path.iterdir() if p.is_dir() and any(q.suffix in RECORD_SUFFIXES for q in p.iterdir()))
+    if not inner:
+        return (f"{path}: the folder holds no .json or .txt record files; pass a folder with records written by "
+                "train_gpt.py, or the files themselves")
+    names = {p.name: p for p in inner}
+    if {"baseline", "candidate"} <= names.keys():
+        example = f"python records/compare.py diff {names['candidate']} --baseline {names['baseline']}"
+    else:
+        example = f"python records/compare.py summary {inner[0]}"
+    return (f"{path}: holds no record files itself, only in its subfolders {', '.join(p.name + '/' for p in inner)}; "
+            f"pass those, e.g. {example}")
 
 
 def load_set(args: list[str], allow_incomplete: bool) -> RunSet:
@@ -367,6 +415,66 @@ def setup_warnings(sets: list[RunSet]) -> list[str]:
     return lines
 
 
+def flag_value(value) -> str:
+    """A configuration value as the trainer's flag takes it: 3,7,11 for a tuple (a list in JSON)."""
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def shared_settings(runset: RunSet) -> dict:
+    """The settings every run of the set tells, with the value they agree on (those they differ in left out)."""
+    told = [r.settings for r in runset.runs]
+    if not told or None in told:
+        return {}
+    return {key: value for key, value in told[0].items() if all(t.get(key, value) == value for t in told)}
+
+
+def settings_warnings(runset: RunSet) -> list[str]:
+    """A line naming the settings besides the setup fields (learning rates, decay, schedules, ...) in which the runs
+    of a set differ: their losses are then not one setting's spread."""
+    told = [r.settings for r in runset.runs if r.settings is not None]
+    keys = sorted({key for t in told for key in t} - set(SETUP_KEYS))
+    values = {key: list(dict.fromkeys(flag_value(t.get(key)) for t in told)) for key in keys}  # in the runs' order
+    differing = [key for key in keys if len(values[key]) > 1]
+    if not differing:
+        return []
+    named = "; ".join(f"{key} {' | '.join(values[key])}" for key in differing[:4])
+    more = f" (and {len(differing) - 4} more)" if len(differing) > 4 else ""
+    return [f"warning: the runs of {runset.name} differ in {named}{more}: their losses are not one setting's; "
+            "pass each setting's runs as a set of its own"]
+
+
+def choose_target(sets: list[RunSet], given: float | None) -> tuple[float, str]:
+    """The target loss and whose it is: --target where given, else the one the baseline's runs (the last set) aim
+    at, e.g. the tiny preset's, else the speedrun's."""
+    if given is not None:
+        return given, "--target"
+    targets = {r.target for r in sets[-1].runs if r.target is not None}
+    if len(targets) == 1:
+        presets = {r.config["preset"] for r in sets[-1].runs if r.config}
+        whose = f"the {presets.pop()} preset's" if len(presets) == 1 else "the runs' own"
+        return targets.pop(), whose
+    return TARGET_LOSS, "the speedrun's"
+
+
+def incomparable(runs: RunSet, baseline: RunSet) -> str | None:
+    """Why the two sets' losses do not compare at all (models of different shapes); None where they do."""
+    for name in SHAPE_FIELDS:
+        mine, theirs = ({r.setup[name] for r in s.runs if name in r.setup} for s in (runs, baseline))
+        if mine and theirs and mine != theirs:
+            return (f"{runs.name} and the baseline {baseline.name} are different models ({name} "
+                    f"{'; '.join(sorted(mine))} | {'; '.join(sorted(theirs))}): their losses and times do not "
+                    "compare")
+    return None
+
+
+def side_label(role: str, runset: RunSet, other: RunSet) -> str:
+    """How a report names a side: its role, its name where that says more, the flags it differs from the other by."""
+    theirs = shared_settings(other)
+    flags = " ".join(f"--{key}={flag_value(value)}" for key, value in shared_settings(runset).items()
+                     if theirs.get(key, value) != value)
+    return role + (f" {runset.name}" if runset.name != role else "") + (f" ({flags})" if flags else "")
+
+
 # -----------------------------------------------------------------------------
 # Statistics
 
@@ -387,9 +495,11 @@ def t_test_below(losses: list[float], target: float = TARGET_LOSS) -> dict:
 def welch(a: list[float], b: list[float]) -> dict:
     """Welch's two-sided t-test that two means differ (unequal variances)."""
     if len(a) < 2 or len(b) < 2 or np.ptp(a) == np.ptp(b) == 0:
-        return {"t": math.nan, "df": math.nan, "p": math.nan}
+        return {"t": math.nan, "df": math.nan, "p": math.nan, "ci95": [math.nan, math.nan]}
     res = stats.ttest_ind(a, b, equal_var=False)
-    return {"t": float(res.statistic), "df": float(res.df), "p": float(res.pvalue)}
+    interval = res.confidence_interval(0.95)
+    return {"t": float(res.statistic), "df": float(res.df), "p": float(res.pvalue),
+            "ci95": [float(interval.low), float(interval.high)]}
 
 
 def mean_curve(runs: list[Run]) -> list[tuple[int, float, int]]:
@@ -501,8 +611,9 @@ def first_step_below(curve: list[tuple[int, float]], target: float = TARGET_LOSS
 # -----------------------------------------------------------------------------
 # Reports: a dict (printed as JSON with --json) and its table
 
-def summarise(runset: RunSet, target: float = TARGET_LOSS) -> dict:
-    """Every run in the table; the statistics over the finished runs only."""
+def summarise(runset: RunSet, target: float | None = None) -> dict:
+    """Every run in the table; the statistics over the finished runs only. The target is the runs' own unless given."""
+    target, whose = choose_target([runset], target)
     finished = runset.finished
     losses = [r.final.val_loss for r in finished]
     loss_mean, loss_std = mean_std(losses)
@@ -513,7 +624,9 @@ def summarise(runset: RunSet, target: float = TARGET_LOSS) -> dict:
     peaks = [r.peak_memory_mib for r in finished if r.peak_memory_mib]
     return {
         "name": runset.name,
-        "warnings": setup_warnings([runset]),
+        "warnings": setup_warnings([runset]) + settings_warnings(runset),
+        "target": target,
+        "target_from": whose,
         "num_runs": len(runset.runs),
         "num_finished": len(finished),
         "runs": [{"name": r.name, "source": str(r.source), "hardware": r.hardware or "unknown", "num_steps": r.num_steps,
@@ -534,7 +647,53 @@ def summarise(runset: RunSet, target: float = TARGET_LOSS) -> dict:
     }
 
 
-def diff(runs: RunSet, baseline: RunSet, target: float = TARGET_LOSS, rate: float = LOSS_PER_100_STEPS) -> dict:
+def side(runset: RunSet, label: str, target: float) -> dict:
+    """A side of a verdict: its runs' final loss and training time, and where its mean curve first reaches the
+    target."""
+    losses = [r.final.val_loss for r in runset.finished]
+    loss_mean, loss_std = mean_std(losses)
+    curve = [(step, loss) for step, loss, _ in mean_curve(runset.runs)]
+    return {"name": runset.name, "label": label, "n": len(losses), "final_val_loss": loss_mean,
+            "final_step": mean_std([r.final.step for r in runset.finished])[0],
+            "final_val_loss_std": loss_std,
+            "train_time_s": mean_std([r.final.train_time_ms / 1000 for r in runset.finished])[0],
+            "has_curve": any(r.val for r in runset.runs),
+            "first_step_at_target": first_step_below(curve, target) if curve else None}
+
+
+def arm_verdict(arm: RunSet, baseline: RunSet, label: str, target: float) -> dict:
+    """One candidate against the baseline: the final-loss difference (candidate minus baseline) by the paired
+    t-test over the seeds both ran where they share two, else by Welch's test; the better side where p < SURE_P."""
+    pairs = paired(arm.finished, baseline.finished)
+    if pairs and pairs["final_val_loss"]["n"] >= 2:
+        t = pairs["final_val_loss"]
+        test = {"test": "paired", "test_n": t["n"], "diff": t["mean"], "ci95": t["ci95"], "p": t["p"]}
+    else:
+        mine, theirs = ([r.final.val_loss for r in s.finished] for s in (arm, baseline))
+        w = welch(mine, theirs)
+        test = {"test": "Welch", "test_n": len(mine) + len(theirs), "diff": mean_std(mine)[0] - mean_std(theirs)[0],
+                "ci95": w["ci95"], "p": w["p"]}
+    p = test["p"]
+    better = None if math.isnan(p) else "neither" if p >= SURE_P else "candidate" if test["diff"] < 0 else "baseline"
+    track = pairwise(arm.finished, baseline.finished)
+    return {**side(arm, label, target), **test, "better": better, "step_diff": -track["step_diff"],
+            "track_better": track["better"]}
+
+
+def verdict(baseline: RunSet, arms: list[RunSet], target: float, whose: str, labels: list[str]) -> dict:
+    """The baseline and one or more candidate arms at one target: labels[0] names the baseline, the rest the arms."""
+    return {"target": target, "target_from": whose, "baseline": side(baseline, labels[0], target),
+            "arms": [arm_verdict(arm, baseline, label, target) for arm, label in zip(arms, labels[1:])]}
+
+
+def diff(runs: RunSet, baseline: RunSet, target: float | None = None, rate: float = LOSS_PER_100_STEPS) -> dict:
+    """The runs (the candidate) against the baseline: the verdict, then the curves, the tests and the weights. Models
+    of different shapes get each side's own figures only."""
+    target, whose = choose_target([runs, baseline], target)
+    labels = {"runs": side_label("candidate", runs, baseline), "baseline": side_label("baseline", baseline, runs)}
+    reason = incomparable(runs, baseline)
+    if reason:
+        return {"incomparable": reason, **{key: summarise(s) for key, s in (("runs", runs), ("baseline", baseline))}}
     curves = {"runs": mean_curve(runs.runs), "baseline": mean_curve(baseline.runs)}
     missing = [f"{s.name} has no validation curve" for s, c in zip((runs, baseline), curves.values()) if not c]
     base_by_step = {step: (loss, n) for step, loss, n in curves["baseline"]}
@@ -555,14 +714,15 @@ def diff(runs: RunSet, baseline: RunSet, target: float = TARGET_LOSS, rate: floa
             times.append({"runs_timing": ta.label, "runs_n": len(ta.times_s), "runs_s": mean_a,
                           "baseline_timing": tb.label, "baseline_n": len(tb.times_s), "baseline_s": mean_b,
                           "diff_s": mean_a - mean_b, "diff_percent": 100 * (mean_a / mean_b - 1)})
-    sides = {key: {"name": s.name, "num_runs": len(s.runs), "incomplete": len(s.runs) - len(s.finished),
-                   "num_curves": sum(bool(r.val) for r in s.runs),
+    sides = {key: {"name": s.name, "label": labels[key], "num_runs": len(s.runs),
+                   "incomplete": len(s.runs) - len(s.finished), "num_curves": sum(bool(r.val) for r in s.runs),
                    "first_step_at_target": first_step_below([(step, loss) for step, loss, _ in curves[key]], target)}
              for key, s in (("runs", runs), ("baseline", baseline))}
     mean_a, mean_b = mean_std(a)[0], mean_std(b)[0]
     return {
+        "verdict": verdict(baseline, [runs], target, whose, [labels["baseline"], labels["runs"]]),
         **sides,
-        "warnings": setup_warnings([runs, baseline]),
+        "warnings": setup_warnings([runs, baseline]) + settings_warnings(runs) + settings_warnings(baseline),
         "target": target,
         "note": note,
         "curve": shared,
@@ -627,14 +787,14 @@ def render_summary(s: dict) -> str:
             for r in s["runs"]]
     unfinished = s["num_runs"] - s["num_finished"]
     counts = plural(s["num_runs"], "run") + (f" ({unfinished} unfinished)" if unfinished else "")
-    out = s["warnings"] + [f"{s['name']}: {counts}, hardware {', '.join(s['hardware'])}", "",
+    out = [summary_verdict(s)] + s["warnings"] + [f"{s['name']}: {counts}, hardware {', '.join(s['hardware'])}", "",
                            table(["run", "steps", "val loss", "time (s)", "ms/step"], rows)]
     out += [f"* unfinished, not in the statistics, {r['source']}: {r['incomplete']}" for r in s["runs"] if r["incomplete"]]
     t = s["t_test_below_target"]
     test = ("p = n/a  (the t-test needs at least 2 runs with different losses)" if math.isnan(t["p"]) else
             f"p = {t['p']:.4f}  (one-sided one-sample t-test, t = {t['t']:.3f}, {t['df']:.0f} df)")
     out += ["", f"val loss     mean {fmt(s['val_loss']['mean'], '.4f')}  std {fmt(s['val_loss']['std'], '.4f')}",
-            f"mean < {t['target']}  {test}"]
+            f"mean < {t['target']}  {test}  (target: {s['target_from']})"]
     out += render_acceptance(s["acceptance"], fmt(s["val_loss"]["mean"], ".4f"))
     for i, timing in enumerate(s["train_time"]):
         out.append(f"{'train time' if i == 0 else '':<12} mean {fmt(timing['mean_s'], '.4f')} s  "
@@ -646,7 +806,18 @@ def render_summary(s: dict) -> str:
     return "\n".join(out)
 
 
-def verdict(figure: dict, yes: str, no: str) -> str:
+def summary_verdict(s: dict) -> str:
+    """One line: whether the runs reach the target, how sure, and what the track's rule says."""
+    mean, t = s["val_loss"]["mean"], s["t_test_below_target"]
+    reach = "reach it" if mean < s["target"] else "do not reach it"
+    how = (f"below it at p = {t['p']:.2g} (one-sided t-test)" if not math.isnan(t["p"]) else
+           "no p-value without 2 runs that differ (./run.sh --runs=N makes N)")
+    track = "passes" if s["acceptance"]["passes"] else "does not pass"
+    return (f"verdict at target {s['target']} ({s['target_from']}): the runs {reach}, mean {mean:.4f} over "
+            f"{plural(s['num_finished'], 'finished run')}; {how}; the track's rule {track}")
+
+
+def track_verdict(figure: dict, yes: str, no: str) -> str:
     """A track figure against the margin, with the z-score and one-sided p-value it stands for."""
     if math.isnan(figure["figure"]):
         return "n/a"
@@ -665,7 +836,7 @@ def noise_note(figure: dict) -> list[str]:
 
 
 def render_acceptance(a: dict, mean: str) -> list[str]:
-    out = [f"track rule   ({a['target']} - {mean}) x sqrt({a['n']}) = {verdict(a, 'passes', 'does not pass')}"]
+    out = [f"track rule   ({a['target']} - {mean}) x sqrt({a['n']}) = {track_verdict(a, 'passes', 'does not pass')}"]
     if a["shared_steps"]:
         step = a["earliest_step"]
         first = f"step {step['step']} (mean {step['val_loss']:.4f}, {step['figure']:+.5f})" if step else "none"
@@ -676,7 +847,7 @@ def render_acceptance(a: dict, mean: str) -> list[str]:
 def render_paired(p: dict | None) -> list[str]:
     if p is None:
         return ["paired       no seed in both sets: Welch's test only"]
-    out = [f"paired       by seed, runs - baseline, {plural(len(p['seeds']), 'pair')} "
+    out = [f"paired       by seed, candidate - baseline, {plural(len(p['seeds']), 'pair')} "
            f"(seeds {', '.join(map(str, p['seeds']))})"]
     for key, label, unit, spec in (("final_val_loss", "final loss", "", "+.4f"),
                                    ("train_time_s", "train time", " s", "+.3f")):
@@ -691,11 +862,12 @@ def render_paired(p: dict | None) -> list[str]:
     for side in ("runs", "baseline"):
         if p["unpaired"][side]:
             seeds = p["unpaired"][side]
-            whose = "runs'" if side == "runs" else "baseline's"
+            whose = "candidate's" if side == "runs" else "baseline's"
             out.append(f"  left out, without a partner: the {whose} {'seeds' if len(seeds) > 1 else 'seed'} "
                        f"{', '.join(map(str, seeds))}")
         for r in p["repeated"][side]:
-            out.append(f"  seed {r['seed']}: {r['runs']} runs in the {side}, taken as their mean")
+            out.append(f"  seed {r['seed']}: {r['runs']} runs in the {'candidate' if side == 'runs' else side}, "
+                       "taken as their mean")
     return out
 
 
@@ -703,52 +875,128 @@ def render_track(t: dict) -> list[str]:
     steps = t["step_diff"]
     steps_part = "n/a" if math.isnan(steps) else f"{'-' if steps < 0 else '+'} {abs(steps):g}"
     return [f"track rule   ({fmt(t['final_loss_diff'], '+.4f')} {steps_part} steps / 100 x {t['rate']}) / "
-            f"sqrt(1/{t['n_runs']} + 1/{t['n_baseline']}) = {verdict(t, 'runs better', 'not better')}",
-            f"{'':<12} (loss and steps: baseline minus runs; {t['rate']} of loss for 100 steps)"] + noise_note(t)
+            f"sqrt(1/{t['n_runs']} + 1/{t['n_baseline']}) = {track_verdict(t, 'candidate better', 'not better')}",
+            f"{'':<12} (loss and steps: baseline minus candidate; {t['rate']} of loss for 100 steps)"] + noise_note(t)
 
 
-def render_diff(d: dict) -> str:
+def call(arm: dict) -> str:
+    """The verdict on one arm in words: which side is better, by how much, how sure; where the step counts differ,
+    what the track's rule, which counts steps too, says."""
+    diff, steps = arm["diff"], arm["step_diff"]
+    size = "n/a" if math.isnan(diff) else f"{abs(diff):.4f} {'lower' if diff < 0 else 'higher'}"
+    if steps and not math.isnan(steps):
+        track = "the candidate better" if arm["track_better"] else "not better"
+        size += f" in {abs(steps):g} {'fewer' if steps < 0 else 'more'} steps (the track's rule: {track})"
+    over = plural(arm["test_n"], "seed") if arm["test"] == "paired" else plural(arm["test_n"], "run")
+    how = f"p = {arm['p']:.2g}, {arm['test']} t-test over {over}"
+    if arm["better"] is None:
+        return (f"undecided: the candidate's final loss is {size} than the baseline's, but a t-test needs 2 or more "
+                "runs a side with some spread (best: pairs by seed, ./run.sh --ab=FLAGS --runs=4)")
+    if arm["better"] == "candidate":
+        return f"the candidate is better: its final loss is {size} ({how})"
+    if arm["better"] == "baseline":
+        return f"the baseline is better: the candidate's final loss is {size} ({how})"
+    return f"no clear difference: the candidate's final loss is {size} ({how}); more runs narrow it"
+
+
+def render_verdict(v: dict) -> list[str]:
+    """The verdict in a few lines: a headline, then the baseline and each arm with its difference, interval and
+    p-value, its training time and where its mean curve first reaches the target."""
+    arms = v["arms"]
+    if len(arms) == 1:
+        headline = call(arms[0])
+    else:
+        better = [arm["label"] for arm in arms if arm["better"] == "candidate"]
+        headline = (f"{len(better)} of {len(arms)} candidates better than the baseline (p < {SURE_P})"
+                    + (f": {', '.join(better)}" if better else ""))
+    def first(part):
+        step = part["first_step_at_target"]
+        return "no curve" if not part["has_curve"] else "not reached" if step is None else f"step {step:.1f}"
+    base = v["baseline"]
+    rows = [[base["label"], str(base["n"]), loss_and_std(base), "", "", "", fmt(base["train_time_s"], ".1f"),
+             first(base)]]
+    for arm in arms:
+        low, high = arm["ci95"]
+        interval = "" if math.isnan(low) else f"[{low:+.4f}, {high:+.4f}]"
+        rows.append([arm["label"], str(arm["n"]), loss_and_std(arm), fmt(arm["diff"], "+.4f"), interval,
+                     fmt(arm["p"], ".2g"), fmt(arm["train_time_s"], ".1f"), first(arm)])
+    header = ["", "runs", "final loss", "diff", "95% CI", "p", "time (s)", f"first at {v['target']}"]
+    return ([f"verdict at target {v['target']} ({v['target_from']}): {headline}"] +
+            ["  " + line for line in table(header, rows).splitlines()])
+
+
+def loss_and_std(part: dict) -> str:
+    std = part["final_val_loss_std"]
+    return fmt(part["final_val_loss"], ".4f") + ("" if math.isnan(std) else f" ± {std:.4f}")
+
+
+def render_incomparable(d: dict) -> str:
+    """Each side's own figures, under the line that says why they do not compare."""
+    def line(role, s):
+        return (f"{role:<9} {s['name']}: {plural(s['num_finished'], 'finished run')}, final loss mean "
+                f"{fmt(s['val_loss']['mean'], '.4f')} (target {s['target']}, {s['target_from']}), "
+                f"steps {', '.join(map(str, s['num_steps']))}, hardware {', '.join(s['hardware'])}")
+    return "\n".join([d["incomparable"] + "; each side's own figures:", line("candidate", d["runs"]),
+                      line("baseline", d["baseline"])])
+
+
+def render_diff(d: dict, all_rows: bool = False) -> str:
+    """The verdict first; then the runs, the curves, the statistics, the times and the weights under their own
+    headings, the curves and the weights short unless all_rows."""
+    if "incomparable" in d:
+        return render_incomparable(d)
     def described(part):
         unfinished = f", {part['incomplete']} unfinished (curve only)" if part["incomplete"] else ""
-        return f"{part['name']} ({plural(part['num_runs'], 'run')}, {part['num_curves']} with a curve{unfinished})"
-    out = d["warnings"] + [f"runs:     {described(d['runs'])}", f"baseline: {described(d['baseline'])}", ""]
+        return f"{part['label']}: {plural(part['num_runs'], 'run')}, {part['num_curves']} with a curve{unfinished}"
+    out = render_verdict(d["verdict"]) + [""] + d["warnings"] + [described(d["baseline"]), described(d["runs"]), ""]
     if d["note"]:
         out += [d["note"], ""]
     else:
+        shown = d["curve"] if all_rows else evenly(d["curve"], CURVE_ROWS)
         rows = [[str(c["step"]), f"{c['runs']:.4f}", str(c["runs_n"]), f"{c['baseline']:.4f}", str(c["baseline_n"]),
-                 f"{c['diff']:+.4f}"] for c in d["curve"]]
-        out += [table(["step", "runs", "n", "baseline", "n", "diff"], rows), ""]
-    def first_step(part):
-        if not part["num_curves"]:
-            return "no curve"
-        step = part["first_step_at_target"]
-        return "not reached" if step is None else f"step {step:.1f}"
-    out.append(f"first at {d['target']}  runs: {first_step(d['runs'])}  baseline: {first_step(d['baseline'])}  "
-               "(on the mean curves, interpolated)")
+                 f"{c['diff']:+.4f}"] for c in shown]
+        out += ["validation loss by step (mean over runs)",
+                table(["step", "candidate", "n", "baseline", "n", "diff"], rows)]
+        if len(shown) < len(d["curve"]):
+            out.append(f"({len(shown)} of the {len(d['curve'])} shared steps; --all shows every one)")
+        out.append("")
     f, w = d["final_val_loss"], d["final_val_loss"]["welch"]
     test = (f"Welch t = {w['t']:.3f}, {w['df']:.1f} df, p = {w['p']:.4f} (two-sided)" if not math.isnan(w["p"])
             else "Welch's t-test needs at least 2 runs in each set and some spread")
-    out += [f"final loss   runs {fmt(f['runs'], '.4f')}  baseline {fmt(f['baseline'], '.4f')}  "
+    out += ["statistics",
+            f"final loss   candidate {fmt(f['runs'], '.4f')}  baseline {fmt(f['baseline'], '.4f')}  "
             f"diff {fmt(f['diff'], '+.4f')}  {test}"]
     out += render_paired(d["paired"]) + render_track(d["track"]) + [""]
     rows = [[f"{t['runs_timing']} ({t['runs_n']})", f"{t['baseline_timing']} ({t['baseline_n']})",
              f"{t['runs_s']:.4f}", f"{t['baseline_s']:.4f}", f"{t['diff_s']:+.4f}", f"{t['diff_percent']:+.2f}%"]
             for t in d["train_time"]]
-    out.append(table(["runs timing", "baseline timing", "runs (s)", "baseline (s)", "diff (s)", "diff"], rows))
-    out += render_analysis_diff(d["analysis"])
+    out.append(table(["candidate timing", "baseline timing", "candidate (s)", "baseline (s)", "diff (s)", "diff"],
+                     rows))
+    out += render_analysis_diff(d["analysis"], all_rows)
     return "\n".join(out)
 
 
-def render_analysis_diff(a: dict) -> list[str]:
-    """The weight figures' table; nothing where neither side has any."""
+def evenly(rows: list, most: int) -> list:
+    """At most `most` of the rows, evenly spread, the first and the last kept."""
+    if len(rows) <= most:
+        return rows
+    return [rows[i] for i in sorted({round(k * (len(rows) - 1) / (most - 1)) for k in range(most)})]
+
+
+def render_analysis_diff(a: dict, all_rows: bool = False) -> list[str]:
+    """The weight figures' table, of the KEY_GROUPS unless all_rows; nothing where neither side has any."""
     if not a["final"]:
         return []
     def value(x, spec=".4g"):
         return "n/a" if x is None else format(x, spec)
+    shown = [r for r in a["final"] if all_rows or r["figure"].partition(":")[2] in KEY_GROUPS]
     rows = [[r["figure"], value(r["runs"]), str(r["runs_n"]), value(r["baseline"]), str(r["baseline_n"]),
-             value(r["ratio"], ".3f")] for r in a["final"]]
-    out = ["", "weights at the final validation (mean over runs)",
-           table(["figure", "runs", "n", "baseline", "n", "runs / baseline"], rows)]
+             value(r["ratio"], ".3f")] for r in shown]
+    out = ["", "weights at the final validation (mean over runs)"]
+    if rows:
+        out.append(table(["figure", "candidate", "n", "baseline", "n", "candidate / baseline"], rows))
+    if len(shown) < len(a["final"]):
+        out.append(f"({len(a['final']) - len(shown)} more figures of the other groups; --all shows them)")
     return out + ([a["note"]] if a["note"] else [])
 
 
@@ -840,8 +1088,12 @@ def check_metric(sets: list[RunSet], metric: str) -> list[str]:
         if not names:
             raise RecordError(f"--metric {metric}: no run here has weight figures: they are in the .json records of "
                               f"train_gpt.py runs with --analysis=on (the default); use --metric {VAL_LOSS}")
-        raise RecordError(f"--metric {metric}: no run has it; choose {VAL_LOSS} or one of {', '.join(names)} "
-                          "(or METRIC:PART for a part of the record's analysis, e.g. mean_square:blocks.1.mlp.fc)")
+        close = difflib.get_close_matches(metric, [VAL_LOSS] + names, n=1, cutoff=0.8)
+        if close:
+            raise RecordError(f"--metric {metric}: no run has it; did you mean --metric {close[0]}?")
+        raise RecordError(f"--metric {metric}: no run has it; choose {VAL_LOSS} or METRIC:GROUP, METRIC one of "
+                          f"{', '.join(ANALYSIS_METRICS)} and GROUP one of {', '.join(groups)} (or METRIC:PART for a "
+                          "part of the record's analysis, e.g. mean_square:blocks.1.mlp.fc)")
     lines = []
     for s in sets:
         lacking = sum(not run_points(r, metric) for r in s.runs)
@@ -894,7 +1146,7 @@ def figure(sets: list[RunSet], metric: str = VAL_LOSS, target: float = TARGET_LO
     if any(r.incomplete for s in sets for r in s.runs):
         handles.append(Line2D([], [], color="gray", linestyle="--", label="unfinished run"))
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles))
-    fig.suptitle(metric_label(metric) + (f", baseline {sets[-1].name}" if len(sets) > 1 else ""))
+    fig.suptitle(metric_label(metric))  # the legend names the sets, the baseline last
     return fig
 
 
@@ -972,8 +1224,25 @@ def finite_number(text: str) -> float:
     return value
 
 
+class CommandParser(argparse.ArgumentParser):
+    """argparse that names the flag meant where an unknown one is close to one of any command's."""
+
+    def error(self, message):
+        unknown = re.match(r"unrecognized arguments: (-[\w-]+)", message)
+        close = difflib.get_close_matches(unknown[1], self.known_flags(), n=1) if unknown else []
+        super().error(message + (f" (did you mean {close[0]}?)" if close else ""))
+
+    def known_flags(self) -> list[str]:
+        flags = []
+        for action in self._actions:
+            flags += action.option_strings
+            if isinstance(action, argparse._SubParsersAction):
+                flags += [flag for sub in action.choices.values() for flag in sub.known_flags()]
+        return flags
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python records/compare.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Summarise and compare speedrun runs against each other, against published records and "
                     "against baselines of your own.",
@@ -1010,6 +1279,9 @@ def build_parser() -> argparse.ArgumentParser:
                   "which each mean curve first reaches the target.")
     diffing.add_argument("--baseline", required=True, metavar="NAME_OR_PATH",
                          help="the runs to compare against, as a RUN: record43, record42, a record of your own or a path")
+    diffing.add_argument("--all", action="store_true",
+                         help="every validation step and every group's weight figures (default: a dozen steps and "
+                              f"the {' and '.join(KEY_GROUPS)} groups)")
     diffing.add_argument("--loss-per-100-steps", type=finite_number, default=LOSS_PER_100_STEPS, metavar="RATE",
                          help="the loss that 100 steps are worth in the track's figure (default: %(default)s, "
                               "measured on the track's baseline)")
@@ -1029,9 +1301,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "e.g. attn, mlp, mlp_in, attn_o, embed (or a part: mean_square:blocks.1.mlp.fc)")
     add_allow_incomplete(plotting)
     for sub in (summary, diffing, plotting):
-        sub.add_argument("--target", type=finite_number, default=TARGET_LOSS, metavar="LOSS",
-                         help="the validation loss to reach, in every figure, p-value and line (default: %(default)s, "
-                              "the speedrun's; e.g. about 4.7 for the tiny preset's runs)")
+        sub.add_argument("--target", type=finite_number, metavar="LOSS",
+                         help="the validation loss to reach, in every figure, p-value and line (default: the one the "
+                              f"(baseline's) runs aim at, set with their preset: {TARGET_LOSS} for the record "
+                              "presets, the tiny preset's own for tiny runs)")
     recording = add("record", "write records/NAME from finished runs, a baseline of your own",
                     "Write records/NAME/ (figures.json, and a README with the runs table, mean, std and p-value) "
                     "from the finished RUNs, which must share one setup and machine; then "
@@ -1053,15 +1326,20 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "plot":
             sets = [runs] + ([baseline] if baseline else [])
-            for line in setup_warnings(sets) + check_metric(sets, args.metric):
+            reason = incomparable(runs, baseline) if baseline else None
+            for line in ([f"warning: {reason}"] if reason else setup_warnings(sets)) + check_metric(sets, args.metric):
                 print(line, file=sys.stderr)
-            plot(sets, Path(args.output), args.metric, args.target)
+            if baseline:  # the legend names the sides as diff does
+                sets = [dataclasses.replace(runs, name=side_label("candidate", runs, baseline)),
+                        dataclasses.replace(baseline, name=side_label("baseline", baseline, runs))]
+            plot(sets, Path(args.output), args.metric, choose_target(sets, args.target)[0])
             print(f"wrote {args.output}")
             return 0
         if args.command == "summary":
             report, render = summarise(runs, args.target), render_summary
         else:
-            report, render = diff(runs, baseline, args.target, args.loss_per_100_steps), render_diff
+            report = diff(runs, baseline, args.target, args.loss_per_100_steps)
+            render = lambda d: render_diff(d, args.all)  # noqa: E731
     except RecordError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

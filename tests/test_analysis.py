@@ -325,7 +325,7 @@ def test_plot_draws_a_weight_figure_of_runs_and_baseline_in_both_panels(tmp_path
     assert [line.get_color() for line in full.get_lines()] == ["C0", "C0", "C1"]
     low, high = last.get_ylim()
     assert low < 0.2 and 1.2 < high < 2.0  # the last third is scaled to its own points, those of step 400
-    assert full.get_ylabel() == "mean square, mlp" and fig.get_suptitle() == "mean square, mlp, baseline nowd"
+    assert full.get_ylabel() == "mean square, mlp" and fig.get_suptitle() == "mean square, mlp"
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["cwd (2 runs)", "nowd (1 run)"]  # no target line
 
     # an undefined figure is a gap; a part's series is found by its name
@@ -343,9 +343,11 @@ def test_plot_draws_a_weight_figure_of_runs_and_baseline_in_both_panels(tmp_path
 def test_plot_refuses_a_metric_no_run_has_and_names_those_there_are(tmp_path):
     runs = write_records(tmp_path / "cwd", analysed_record("a", [2.0, 0.4, 0.2]))
     code, _, err = cli("plot", runs, "--metric", "mean_sqaure:mlp", "-o", tmp_path / "x.png")
-    assert code == 1 and err.startswith("error: --metric mean_sqaure:mlp: no run has it; choose val_loss or one of "
-                                        "mean_square:mlp, mean_square:attn, condition_number:mlp, "
-                                        "max_singular_value:mlp (or METRIC:PART")
+    assert (code, err) == (1, "error: --metric mean_sqaure:mlp: no run has it; did you mean --metric mean_square:mlp?\n")
+    code, _, err = cli("plot", runs, "--metric", "mean_square:embedding", "-o", tmp_path / "x.png")
+    assert code == 1 and err.startswith("error: --metric mean_square:embedding: no run has it; choose val_loss or "
+                                        "METRIC:GROUP, METRIC one of mean_square, cautious_fraction, condition_number, "
+                                        "max_singular_value and GROUP one of mlp, attn (or METRIC:PART")
     code, _, err = cli("plot", "record43", "--metric", "mean_square:mlp", "-o", tmp_path / "x.png")
     assert code == 1 and "no run here has weight figures" in err and "--analysis=on" in err
     assert list(tmp_path.iterdir()) == [tmp_path / "cwd"]  # no picture written
@@ -359,7 +361,7 @@ def test_diff_puts_the_final_weight_figures_side_by_side_with_their_ratio(tmp_pa
     assert code == 0, err
     lines = out.splitlines()
     start = lines.index("weights at the final validation (mean over runs)")
-    assert lines[start + 1].split() == ["figure", "runs", "n", "baseline", "n", "runs", "/", "baseline"]
+    assert lines[start + 1].split() == ["figure", "candidate", "n", "baseline", "n", "candidate", "/", "baseline"]
     assert [line.split() for line in lines[start + 2:]] == [
         ["mean_square:mlp", "0.25", "2", "1", "1", "0.250"],
         ["mean_square:attn", "0.25", "2", "0.25", "1", "1.000"],

@@ -198,7 +198,7 @@ def test_served_file_that_is_not_a_shard_is_refused(tmp_path, start_hub):
     assert result.returncode == 1
     assert f"{NAMES[0]}: {hub.url} sent a file that is not a valid token shard, so it was discarded" in result.stderr
     assert "shorter than the 1024-byte shard header" in result.stderr
-    assert listing(folder) == []
+    assert not folder.exists()  # the folder the download made goes with it
 
 
 @pytest.mark.parametrize("count", ["104", "-1"])
@@ -213,6 +213,29 @@ def test_full_disk_names_the_shard_and_leaves_nothing(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(hub, "hf_hub_download", fill_disk)
+    monkeypatch.setattr(hub.constants, "ENDPOINT", "http://127.0.0.1")  # a host that resolves, offline too
     with pytest.raises(UserError, match=f"{NAMES[0]}: download failed: the disk holding {tmp_path} is full"):
         cached_fineweb10B.main(["0", "--dir", str(tmp_path)])
     assert listing(tmp_path) == []
+
+
+def test_offline_fails_before_any_request_and_leaves_no_folder(tmp_path, monkeypatch):
+    """A host name that does not resolve (no network) fails at once, with the connection's message, not after the
+    client's retries; a first download leaves no empty folder behind, an existing folder keeps what it holds."""
+    def no_request(*args, **kwargs):
+        raise AssertionError("a request was made")
+
+    monkeypatch.setattr(hub, "hf_hub_download", no_request)
+    monkeypatch.setattr(hub.constants, "ENDPOINT", "https://hub.invalid")  # .invalid never resolves (RFC 2606)
+    folder = tmp_path / "data" / "fineweb10B"
+    with pytest.raises(UserError) as e:
+        cached_fineweb10B.main(["1", "--dir", str(folder)])
+    assert str(e.value).startswith(f"{NAMES[0]}: download failed: the connection to https://hub.invalid failed "
+                                   "(ConnectError: [Errno ")
+    assert str(e.value).endswith("check the internet connection (and HF_ENDPOINT or proxy settings), then rerun. "
+                                 f"No partial {NAMES[0]} was left behind; the shards already complete are kept.")
+    assert not folder.exists() and (tmp_path / "data").exists()
+    folder.mkdir()
+    with pytest.raises(UserError):
+        cached_fineweb10B.main(["1", "--dir", str(folder)])
+    assert folder.is_dir()

@@ -408,7 +408,7 @@ def test_a_real_logs_folder_counts_its_finished_runs(tmp_path):
     assert "interrupted at step 130 of 400" in err and "failed after step 230 of 400" in err
     assert "no validation point" in err and "not a record" in err
     code, out, err = cli("diff", tmp_path, "--baseline", "record43")
-    assert code == 0 and len(err.splitlines()) == 5 and "runs:     " + tmp_path.name + " (3 runs" in out
+    assert code == 0 and len(err.splitlines()) == 5 and f"candidate {tmp_path.name} (--preset=test): 3 runs, 3 with a curve" in out
 
 
 def test_allow_incomplete_adds_curves_but_never_losses_to_the_tests(tmp_path):
@@ -435,12 +435,14 @@ def test_differences_in_setup_are_named_before_the_table(tmp_path):
     assert same[0] == 0 and "warning" not in same[1]
     # record 43's published runs: another machine, and a preset of another name
     code, out, _ = cli("diff", runs, "--baseline", "record43")
-    assert out.splitlines()[:4] == [
+    lines = out.splitlines()
+    assert lines[lines.index("") + 1:][:5] == [
         "warning: runs and baseline differ in preset: runs test | baseline record43",
         "warning: runs and baseline differ in steps: runs 400 | baseline 2245",
         "warning: runs and baseline differ in hardware: runs 8x NVIDIA H100 80GB HBM3 | baseline 8x H100 (times from "
         "different machines do not compare)",
-        f"runs:     {runs.name} (2 runs, 2 with a curve)"]
+        "baseline record43 (--preset=record43): 10 runs, 1 with a curve",
+        f"candidate {runs.name} (--preset=test): 2 runs, 2 with a curve"]
     tiny = dict(preset="tiny", model_dim=64, num_heads=2, head_dim=32, train_batch_tokens=2048, vocab_size=1024,
                 train_files="data/synthetic/train_*.bin", val_files="data/synthetic/val_*.bin", val_tokens=8192)
     write_run(mixed, "big", curve(3.2790))
@@ -454,7 +456,9 @@ def test_differences_in_setup_are_named_before_the_table(tmp_path):
         "warning: the runs differ in batch: 2048 tokens; 262144 tokens",
         "warning: the runs differ in vocabulary: 1024; 50257",
         "warning: the runs differ in data: fineweb_train_*.bin + fineweb_val_*.bin (10485760 val tokens); "
-        "train_*.bin + val_*.bin (8192 val tokens)"]
+        "train_*.bin + val_*.bin (8192 val tokens)",
+        "warning: the runs of mixed differ in num_scheduled_iterations 360 | 60: their losses are not one setting's; "
+        "pass each setting's runs as a set of its own"]
     assert cli_json("summary", mixed)["warnings"] == warnings
 
 

@@ -462,13 +462,14 @@ def test_tiny_preset_writes_its_record(tiny_run):  # once per --compile mode
     assert len(steps) == 80
     for step, line in enumerate(steps, 1):  # the public fields first, then the training loss and the throughput
         fields = dict(field.split(":") for field in line.split())
-        assert list(fields) == ["step", "train_time", "step_avg", "train_loss", "tokens/s"]
+        assert list(fields) == ["step", "train_time", "step_avg", "train_loss", "tokens/s", "eta"]
+        assert abs(float(fields["eta"][:-1]) - (80 - step) * float(fields["step_avg"][:-2]) / 1000) <= 0.5 + 1e-3
         assert fields["step"] == f"{step}/80" and fields["train_time"].endswith("ms") and float(fields["tokens/s"]) > 0
         assert fields["train_loss"] == f"{tiny_run.train[step - 1]:.4f}"  # on the CPU, each step's own loss
     assert lines[-2].startswith("peak memory allocated: ") and lines[-2].endswith(" MiB")
     assert lines[-1] == (f"finished: val_loss {record['final_val_loss']:.4f} after 80 steps, "
                          f"{record['train_time_ms'] / 1000:.1f}s of training, {record['startup_s']:.1f}s of start-up; "
-                         f"record: {txt_path}")
+                         f"record: {txt_path}, {txt_path.with_suffix('.json')}")
 
     assert record["status"] == "finished" and record["error"] is None
     assert [(str(v["step"]), v["val_loss"]) for v in record["val"]] == list(tiny_run.val.items())

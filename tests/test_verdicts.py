@@ -3,6 +3,7 @@ and interleaved A/B comparisons (records/ab.py and ./run.sh --ab)."""
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -61,8 +62,12 @@ def test_pairwise_figure_of_the_track_readmes_example_12_against_6(tmp_path):
     assert d["track"]["rate"] == 0.002 and d["track"]["better"] is False
     code, out, _ = cli("diff", tmp_path / "twelve", "--baseline", tmp_path / "six")
     assert code == 0
-    assert ("track rule   (-0.0002 + 50 steps / 100 x 0.0045) / sqrt(1/20 + 1/20) = +0.00648 >= 0.004: runs better"
+    assert ("track rule   (-0.0002 + 50 steps / 100 x 0.0045) / sqrt(1/20 + 1/20) = +0.00648 >= 0.004: candidate better"
             in out)
+    # the verdict comes first: the final loss alone favours the baseline, the steps saved turn the track's rule
+    assert out.splitlines()[0].startswith("verdict at target 3.28 (the speedrun's): the baseline is better: the "
+                                          "candidate's final loss is 0.0002 higher in 50 fewer steps (the track's "
+                                          "rule: the candidate better) (p = ")
 
 
 def test_acceptance_figure_of_record43_by_hand():
@@ -174,10 +179,10 @@ def test_paired_t_test_against_scipy_and_a_hand_computed_interval(tmp_path):
     assert p["final_val_loss"]["p"] < 0.001 < 0.5 < d["final_val_loss"]["welch"]["p"]
     code, out, _ = cli("diff", runs, "--baseline", base)
     t = p["final_val_loss"]
-    assert "paired       by seed, runs - baseline, 5 pairs (seeds 0, 1, 2, 3, 4)" in out
+    assert "paired       by seed, candidate - baseline, 5 pairs (seeds 0, 1, 2, 3, 4)" in out
     assert (f"  final loss mean {t['mean']:+.4f}  95% CI [{t['ci95'][0]:+.4f}, {t['ci95'][1]:+.4f}]  "
             f"t = {t['t']:.3f}, 4 df, p = {t['p']:.4f} (two-sided)") in out
-    assert out.index("paired") < out.index("track rule") < out.index("runs timing")
+    assert out.index("paired") < out.index("track rule") < out.index("candidate timing")
 
 
 def test_pairs_are_the_seeds_both_sets_ran_and_a_repeated_seed_counts_once(tmp_path):
@@ -192,9 +197,9 @@ def test_pairs_are_the_seeds_both_sets_ran_and_a_repeated_seed_counts_once(tmp_p
     ref = stats.ttest_1samp(diffs, 0)
     assert p["final_val_loss"]["n"] == 3 and p["final_val_loss"]["p"] == pytest.approx(ref.pvalue)
     code, out, _ = cli("diff", tmp_path / "b", "--baseline", tmp_path / "a")
-    assert "  left out, without a partner: the runs' seed 0" in out
+    assert "  left out, without a partner: the candidate's seed 0" in out
     assert "  left out, without a partner: the baseline's seed 4" in out
-    assert "  seed 1: 2 runs in the runs, taken as their mean" in out
+    assert "  seed 1: 2 runs in the candidate, taken as their mean" in out
 
 
 def test_sets_without_shared_seeds_keep_welch_only(tmp_path):
@@ -264,8 +269,8 @@ TRAINER = ["python", "train_gpt.py", "--preset=tiny"]
 def test_plan_alternates_baseline_and_candidate_seed_by_seed_and_saves_the_comparison(tmp_path):
     command = TRAINER + [f"--log_dir={tmp_path}"]
     lines = ab.plan(2, "--adam_weight_decay=0.005", command)
-    assert lines == [("baseline", 0, tmp_path / "a", ""), ("candidate", 0, tmp_path / "b", ""),
-                     ("baseline", 1, tmp_path / "a", ""), ("candidate", 1, tmp_path / "b", "")]
+    assert lines == [("baseline", 0, tmp_path / "baseline", ""), ("candidate", 0, tmp_path / "candidate", ""),
+                     ("baseline", 1, tmp_path / "baseline", ""), ("candidate", 1, tmp_path / "candidate", "")]
     saved = json.loads((tmp_path / "ab.args").read_text())
     assert saved == {"format": "train_gpt-ab/1", "flags": ["--adam_weight_decay=0.005"], "command": command}
 
@@ -274,8 +279,8 @@ def test_plan_of_the_gpu_command_reads_the_trainers_arguments_after_torchrun(tmp
     command = ["torchrun", "--standalone", "--nproc_per_node=8", "train_gpt.py", "--train_files=d/fineweb_train_*.bin",
                "--val_files=d/fineweb_val_*.bin", "--log_dir", str(tmp_path / "gpu")]
     lines = ab.plan(1, "--muon_lr=0.035 --num_scheduled_iterations=2150", command)
-    assert [(role, folder) for role, _, folder, _ in lines] == [("baseline", tmp_path / "gpu" / "a"),
-                                                               ("candidate", tmp_path / "gpu" / "b")]
+    assert [(role, folder) for role, _, folder, _ in lines] == [("baseline", tmp_path / "gpu" / "baseline"),
+                                                               ("candidate", tmp_path / "gpu" / "candidate")]
     with pytest.raises(ab.ABError, match="the baseline's arguments: unknown flag --nproc_per_node"):
         ab.plan(1, "--muon_lr=0.035", ["torchrun", "train_gpt.py", "--nproc_per_node=8"])
 
@@ -283,11 +288,11 @@ def test_plan_of_the_gpu_command_reads_the_trainers_arguments_after_torchrun(tmp
 def test_plan_skips_the_runs_that_finished_and_only_those(tmp_path):
     command = TRAINER + ["--log_dir", str(tmp_path)]
     ab.plan(3, "--muon_lr=0.035", command)
-    done = {"a0": seeded_run(tmp_path / "a", "a0", 0, 3.28), "b0": seeded_run(tmp_path / "b", "b0", 0, 3.28),
-            "a1": seeded_run(tmp_path / "a", "a1", 1, 3.28)}
+    done = {"a0": seeded_run(tmp_path / "baseline", "a0", 0, 3.28),
+            "b0": seeded_run(tmp_path / "candidate", "b0", 0, 3.28), "a1": seeded_run(tmp_path / "baseline", "a1", 1, 3.28)}
     interrupted = record_json("b1", {0: 10.8, 100: 4.1}, 400, 120, "interrupted", setup={"seed": 1})
-    (tmp_path / "b" / "b1.json").write_text(json.dumps(interrupted))
-    (tmp_path / "b" / "b2.json").write_text('{"format": "train_gpt-record/1", "status": "fini')  # cut short
+    (tmp_path / "candidate" / "b1.json").write_text(json.dumps(interrupted))
+    (tmp_path / "candidate" / "b2.json").write_text('{"format": "train_gpt-record/1", "status": "fini')  # cut short
     lines = ab.plan(3, "--muon_lr=0.035", command)
     assert [(role, seed, record) for role, seed, _, record in lines] == [
         ("baseline", 0, str(done["a0"])), ("candidate", 0, str(done["b0"])), ("baseline", 1, str(done["a1"])),
@@ -299,7 +304,7 @@ def test_plan_skips_the_runs_that_finished_and_only_those(tmp_path):
 def test_plan_refuses_another_comparison_in_a_folder_with_finished_runs(tmp_path):
     command = TRAINER + [f"--log_dir={tmp_path}"]
     ab.plan(2, "--muon_lr=0.035", command)
-    seeded_run(tmp_path / "a", "a0", 0, 3.28)
+    seeded_run(tmp_path / "baseline", "a0", 0, 3.28)
     with pytest.raises(ab.ABError) as e:
         ab.plan(2, "--muon_lr=0.04", command)
     assert str(e.value) == (f"{tmp_path} holds a comparison with other FLAGS: --ab=\"--muon_lr=0.035\" on "
@@ -308,7 +313,7 @@ def test_plan_refuses_another_comparison_in_a_folder_with_finished_runs(tmp_path
     with pytest.raises(ab.ABError, match="with other arguments: "):
         ab.plan(2, "--muon_lr=0.035", command + ["--max_steps=10"])
     (tmp_path / "ab.args").unlink()
-    with pytest.raises(ab.ABError, match=f"{tmp_path}/a or /b holds finished runs but no ab.args"):
+    with pytest.raises(ab.ABError, match=f"{tmp_path}/baseline or /candidate holds finished runs but no ab.args"):
         ab.plan(2, "--muon_lr=0.035", command)
 
 
@@ -316,8 +321,8 @@ def test_a_folder_without_finished_runs_takes_a_new_comparison(tmp_path):
     command = TRAINER + [f"--log_dir={tmp_path}"]
     ab.plan(2, "--muon_lr=0.035", command)
     failed = record_json("a0", {0: 10.8}, 400, 3, "failed", setup={"seed": 0})
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "a0.json").write_text(json.dumps(failed))
+    (tmp_path / "baseline").mkdir()
+    (tmp_path / "baseline" / "a0.json").write_text(json.dumps(failed))
     ab.plan(2, "--muon_lr=0.04", command)
     assert json.loads((tmp_path / "ab.args").read_text())["flags"] == ["--muon_lr=0.04"]
 
@@ -358,13 +363,15 @@ def test_run_sh_ab_interleaves_the_pairs_resumes_after_an_interrupt_and_ends_wit
         seen, third = [], False
         for line in first.stdout:
             seen.append(line.rstrip("\n"))
-            third = third or line.startswith("run 3 of 4")
+            third = third or line.startswith("run 3 of 4:")
             if third and line.startswith("step:1/"):  # its record holds step 0: interrupted, not missing
                 os.killpg(first.pid, signal.SIGINT)
         first.wait(timeout=600)
     assert first.returncode == 130, (tmp_path / "stderr").read_text()[-2000:]
-    assert [line for line in seen if line.startswith("run ")] == [
-        "run 1 of 4: baseline, seed 0", "run 2 of 4: candidate, seed 0", "run 3 of 4: baseline, seed 1"]
+    started = [line for line in seen if line.startswith("run ")]
+    assert started[0] == "run 1 of 4: baseline, seed 0"  # then, at the pace of the runs made, the time to go
+    assert re.fullmatch(r"run 2 of 4: candidate, seed 0, about \d+ min to go", started[1])
+    assert re.fullmatch(r"run 3 of 4: baseline, seed 1, about \d+ min to go", started[2]) and len(started) == 3
     assert ("run 3 of 4 did not finish (exit status 130); the same command again goes on from it"
             in (tmp_path / "stderr").read_text())
 
@@ -373,16 +380,17 @@ def test_run_sh_ab_interleaves_the_pairs_resumes_after_an_interrupt_and_ends_wit
 
     def record_path(side, record):
         return logs / side / Path(record["log_file"]).with_suffix(".json").name
-    assert [(r["config"]["seed"], r["status"]) for r in records("a")] == [(0, "finished"), (1, "interrupted")]
-    assert [(r["config"]["seed"], r["status"]) for r in records("b")] == [(0, "finished")]
+    assert [(r["config"]["seed"], r["status"]) for r in records("baseline")] == [(0, "finished"), (1, "interrupted")]
+    assert [(r["config"]["seed"], r["status"]) for r in records("candidate")] == [(0, "finished")]
 
     second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-2000:]
     runs = [line for line in second.stdout.splitlines() if line.startswith("run ")]
-    assert runs[:2] == [f"run 1 of 4: baseline, seed 0: finished before, {record_path('a', records('a')[0])}",
-                        f"run 2 of 4: candidate, seed 0: finished before, {record_path('b', records('b')[0])}"]
-    assert runs[2:] == ["run 3 of 4: baseline, seed 1", "run 4 of 4: candidate, seed 1"]
-    a, b = records("a"), records("b")
+    assert runs[:2] == [
+        f"run 1 of 4: baseline, seed 0: finished before, {record_path('baseline', records('baseline')[0])}",
+        f"run 2 of 4: candidate, seed 0: finished before, {record_path('candidate', records('candidate')[0])}"]
+    assert runs[2] == "run 3 of 4: baseline, seed 1" and runs[3].startswith("run 4 of 4: candidate, seed 1, about ")
+    a, b = records("baseline"), records("candidate")
     assert [(r["config"]["seed"], r["status"]) for r in a] == [(0, "finished"), (1, "interrupted"), (1, "finished")]
     assert [(r["config"]["seed"], r["status"], r["config"]["adam_lr"]) for r in b] == [(0, "finished", 0.05),
                                                                                        (1, "finished", 0.05)]
@@ -391,8 +399,16 @@ def test_run_sh_ab_interleaves_the_pairs_resumes_after_an_interrupt_and_ends_wit
     finished_a = [r for r in a if r["status"] == "finished"]
     loss_diffs = [rb["final_val_loss"] - ra["final_val_loss"] for ra, rb in zip(finished_a, b)]
     ref = stats.ttest_rel([r["final_val_loss"] for r in b], [r["final_val_loss"] for r in finished_a])
-    assert "runs:     b (2 runs, 2 with a curve)\nbaseline: a (2 runs, 2 with a curve)" in second.stdout
-    assert "paired       by seed, runs - baseline, 2 pairs (seeds 0, 1)" in second.stdout
+    # the verdict first, at the tiny preset's target, naming the sides by their flags; the details after it
+    report = second.stdout[second.stdout.index("verdict at target"):].splitlines()
+    assert report[0].startswith("verdict at target 4.8 (the tiny preset's): ")
+    assert report[0].endswith(f"(p = {ref.pvalue:.2g}, paired t-test over 2 seeds)" +
+                              ("; more runs narrow it" if ref.pvalue >= 0.05 else ""))
+    assert [line.split()[:2] for line in report[2:4]] == [["baseline", "(--adam_lr=0.03)"],
+                                                          ["candidate", "(--adam_lr=0.05)"]]
+    assert report[5:7] == ["baseline (--adam_lr=0.03): 2 runs, 2 with a curve",
+                           "candidate (--adam_lr=0.05): 2 runs, 2 with a curve"]
+    assert "paired       by seed, candidate - baseline, 2 pairs (seeds 0, 1)" in second.stdout
     assert (f"  final loss mean {sum(loss_diffs) / 2:+.4f}  95% CI [" in second.stdout and
             f"t = {ref.statistic:.3f}, 1 df, p = {ref.pvalue:.4f} (two-sided)" in second.stdout)
     assert "track rule   (" in second.stdout and "train time mean" in second.stdout
