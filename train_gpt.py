@@ -1993,14 +1993,18 @@ class Preempted(BaseException):
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: a temporary stop, to be run again (with --resume=auto)
 
 
+SAME_NOTICE_S = 5.0  # a signal this soon after the first is the same notice, passed on (Signals)
+
+
 class Signals:
     """The signals that stop a run, process-wide as signals are (SIGNALS). SIGINT (Ctrl-C) stops the run at once.
     SIGTERM and SIGUSR1, how a cluster announces a preemption or the time limit, do too, unless `deferred` (a run
     that keeps checkpoints, once training has begun): then they only set `requested`, and the ranks agree at a step
     boundary to write a checkpoint and stop (StopAgreement). Within `held()`, a stop waits for the block's end, so
-    that the files it writes are whole. A second signal ends the process at once, unless it is `closing`: stopping
-    already, with its checkpoint written, and telling why (torchrun stops every rank with SIGTERM as soon as one
-    ends)."""
+    that the files it writes are whole. A second signal ends the process at once, unless it comes within
+    SAME_NOTICE_S of the first, as the same notice passed on by a launcher (SLURM signals every process of a job step,
+    torchrun among them, which passes its own on), or the process is `closing`: stopping already, its checkpoint
+    written, telling why (torchrun stops every rank with SIGTERM as soon as one ends)."""
     HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
@@ -2008,17 +2012,18 @@ class Signals:
 
     def reset(self):
         self.requested: int | None = None
+        self.requested_at = 0.0
         self.deferred = self.holding = self.closing = False
         self.postponed: int | None = None
 
     def handle(self, signum, frame):
-        if self.closing:
+        if self.closing or (self.requested is not None and time.monotonic() - self.requested_at < SAME_NOTICE_S):
             return
         if self.requested is not None:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        self.requested = signum
+        self.requested, self.requested_at = signum, time.monotonic()
         if signum == signal.SIGINT or not self.deferred:
             if self.holding:
                 self.postponed = signum
