@@ -1991,8 +1991,6 @@ class Preempted(BaseException):
 
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: a temporary stop, to be run again (with --resume=auto)
-
-
 SAME_NOTICE_S = 5.0  # a signal this soon after the first is the same notice, passed on (Signals)
 
 
@@ -2077,7 +2075,7 @@ class StopAgreement:
         """How long a rank waits in a collective, in the run's group and this one, before the run stops naming it."""
         self.timeout = timeout
         for group in filter(None, (dist.group.WORLD, self.group)):
-            dist.distributed_c10d._set_pg_timeout(timeout, group)
+            dist.distributed_c10d._set_pg_timeout(timeout, group)  # torch's only way to change a live group's
 
     @contextlib.contextmanager
     def patient(self):
@@ -2092,14 +2090,12 @@ class StopAgreement:
 
 def resume_command(argv: list[str]) -> str:
     """This run's arguments with --resume=auto in place of any --resume: what continues it, after the same launcher."""
-    kept, skip = [], False
-    for arg in argv:
-        if not skip and not arg.startswith("--resume="):
-            skip = arg == "--resume"
-            if not skip:
-                kept.append(arg)
-        else:
-            skip = False
+    kept, args = [], iter(argv)
+    for arg in args:
+        if arg == "--resume":
+            next(args, None)  # and its value
+        elif not arg.startswith("--resume="):
+            kept.append(arg)
     return shlex.join(["train_gpt.py", *kept, "--resume=auto"])
 
 
@@ -2115,9 +2111,10 @@ def leave_word(store, rank: int, word: str):
         pass
 
 
-def others_words(store, world: int) -> str:
-    """For rank 0's record of a run that stops early: which other ranks failed (with their first line) or gave no word
-    within WORD_WAIT_S; '' where every other rank was stopped as this one was (all interrupted or preempted)."""
+def others_words(store, world: int, mine: str) -> str:
+    """For rank 0's record of a run that stops early: which other ranks failed otherwise than `mine`, rank 0's own
+    word, with their first line, or gave no word within WORD_WAIT_S; '' where every other rank stopped as rank 0 did
+    or was stopped (interrupted or preempted)."""
     waiting, words = set(range(1, world)), {}
     deadline = time.monotonic() + WORD_WAIT_S
     try:
@@ -2128,7 +2125,7 @@ def others_words(store, world: int) -> str:
             time.sleep(0.05)
     except Exception:
         return ""  # the store went with torchrun: nothing more can be known
-    notes = [f"rank {r} {w}" for r, w in sorted(words.items()) if w.startswith("failed")]
+    notes = [f"rank {r} {w}" for r, w in sorted(words.items()) if w.startswith("failed") and w != mine]
     if waiting:
         ranks = ", ".join(map(str, sorted(waiting)))
         notes.append(f"rank{'s' * (len(waiting) > 1)} {ranks} stopped without a word (killed by a signal such as "
@@ -2155,9 +2152,10 @@ def main(argv=None) -> int:
         """Leave word for rank 0 and the error file for torchrun; rank 0 adds what the other ranks said."""
         SIGNALS.closing = True
         if world > 1:
-            leave_word(store, rank, f"{status}: {message}")
+            word = f"{status}: {message}"
+            leave_word(store, rank, word)
             if rank == 0 and status != "preempted":
-                message = "; ".join(filter(None, [message, others_words(store, world)]))
+                message = "; ".join(filter(None, [message, others_words(store, world, word)]))
         record_for_torchrun(error)
         return message
 
@@ -2798,7 +2796,8 @@ class RunLog:
         if not self.open:
             return
         summary = f"interrupted at step {self.record['steps_done']}; record: {self.txt_path}"
-        if message == f"interrupted by {reason}" and reason.signum == signal.SIGTERM and "TORCHELASTIC_RUN_ID" in os.environ:
+        others_unknown = message == f"interrupted by {reason}"
+        if others_unknown and reason.signum == signal.SIGTERM and "TORCHELASTIC_RUN_ID" in os.environ:
             summary += " (torchrun also stops the other ranks this way when one fails: see its error above)"
         self._stop("interrupted", message, summary)
 

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 import train_gpt as tg
+from test_records import cli, curve, skipped_files, write_run
 from test_train import ROOT, record_of, shards, tiny_args  # noqa: F401
 
 FAST = ["--warmup_steps=0", "--val_tokens=1024", "--val_loss_every=2"]
@@ -136,6 +137,13 @@ def test_a_second_signal_ends_the_process_at_once_unless_it_is_the_same_notice(h
     handlers.closing = True
     handlers.handle(signal.SIGTERM, None)
     assert len(sent) == 1
+
+
+def test_compare_skips_a_preempted_run_saying_where_it_stopped(tmp_path):
+    write_run(tmp_path, "done", curve(3.2790))
+    preempted = write_run(tmp_path, "preempted", {0: 10.8258, 100: 4.2}, last_step=130, status="preempted")
+    code, out, err = cli("summary", tmp_path)
+    assert code == 0 and skipped_files(err) == [str(preempted)] and "preempted at step 130 of 400" in err
 
 
 def test_resume_command_puts_resume_auto_in_place_of_any_resume():
