@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -47,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 from torch.distributed.tensor import DTensor, Shard
 
 try:
@@ -154,6 +156,8 @@ class Config:
     keep_checkpoints: int = _arg(2, "how many of the newest checkpoints to keep")
     checkpoint_dir: str = _arg("checkpoints", "folder of the run's checkpoints, step_<S>/ each; one run per folder")
     resume: str = _arg("", "checkpoint folder to continue, or auto: the newest in --checkpoint_dir (none there: start afresh)")
+    collective_timeout: int = _arg(120, "seconds a rank waits in a collective for the others after the warm-up before "
+                                        "the run stops naming it (start-up and warm-up, which compile, get 30 minutes)")
     hellaswag: str = _arg("", "tokenized HellaSwag examples to score after training, as data/hellaswag.py makes them "
                               "(data/hellaswag/hellaswag_val.json); empty: none")
     analysis: str = _arg("on", "on | off: at every validation, outside the training time, each parameter group's mean "
@@ -251,7 +255,7 @@ def parse_config(argv) -> Config:
 POSITIVE = ("val_tokens", "val_seq_tokens", "train_batch_tokens", "micro_batch_tokens", "max_doc_tokens", "vocab_size",
             "model_dim", "num_heads", "head_dim", "num_scheduled_iterations", "window_block", "window_extension",
             "window_final_val", "adam_lr", "adam_eps", "muon_lr", "lion_lr_scale", "keep_checkpoints",
-            "target_val_loss")
+            "target_val_loss", "collective_timeout")
 NON_NEGATIVE = ("num_extension_iterations", "embed_lr_mul", "scalar_lr_mul", "mlp_in_lr_mul", "weight_decay",
                 "momentum_warmup_steps", "momentum_cooldown_steps", "adam_weight_decay", "embed_wd_mul",
                 "value_embed_wd_mul", "lm_head_wd_mul", "scalar_wd_mul", "warmup_steps", "val_loss_every",
@@ -1606,6 +1610,25 @@ def choose_attention(cfg: Config, device) -> AttentionChoice:
     return AttentionChoice("varlen_attn", note=f"flash-attn-4 not used: {problem}")
 
 
+def common_attention(choice: AttentionChoice) -> AttentionChoice:
+    """The kernel every rank runs: flash-attn-4 only where its check passed on all of them, else varlen_attn with the
+    first rank's reason for passing it over."""
+    choices = [None] * dist.get_world_size()
+    dist.all_gather_object(choices, choice)
+    if all(c.kernel == choice.kernel for c in choices):
+        return choice
+    rank, other = next((r, c) for r, c in enumerate(choices) if c.kernel != "flash-attn-4")
+    return AttentionChoice("varlen_attn", note=f"flash-attn-4 not used: on rank {rank}, "
+                                               f"{other.note.removeprefix('flash-attn-4 not used: ')}")
+
+
+def on_every_rank(value: bool) -> bool:
+    """Whether `value` holds on all ranks: a choice that each rank could make differently, made once for all."""
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return all(values)
+
+
 def peak_bf16_flops(device) -> float | None:
     """The GPU's dense bf16 peak in FLOP/s, where the table knows it."""
     if device.type != "cuda":
@@ -1751,8 +1774,14 @@ def explain_out_of_memory(cfg: Config, world: int, training: bool):
                         f"use --val_seq_tokens={cfg.val_seq_tokens // 2} (the validated tokens stay the same)") from None
 
 
+# Start-up and warm-up wait longer in collectives than a step would: compiling the graphs takes minutes, not always
+# equally on every rank. After the warm-up, --collective_timeout applies.
+STARTUP_TIMEOUT = datetime.timedelta(minutes=30)
+
+
 def setup_device(cfg: Config):
-    """Pick the device and start the process group (a group of one without torchrun), before any heavy work."""
+    """Pick the device and start the process group (a group of one without torchrun), before any heavy work; returns
+    the store the ranks met through too, where they leave word on why they stop (leave_word)."""
     rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     kind = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if kind == "cuda":
@@ -1769,10 +1798,14 @@ def setup_device(cfg: Config):
     check_gpu(cfg, device)
     backend = "nccl" if kind == "cuda" else "gloo"
     if "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend, device_id=device if kind == "cuda" else None)
+        store, rank, world = next(dist.rendezvous("env://", timeout=STARTUP_TIMEOUT))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=STARTUP_TIMEOUT,
+                                device_id=device if kind == "cuda" else None)
     else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return device, rank, world
+        store = dist.HashStore()
+        dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=STARTUP_TIMEOUT)
+    # words of this attempt only: torchrun's store outlives a restarted attempt
+    return device, rank, world, dist.PrefixStore(f"train_gpt/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
 
 
 class Inputs(NamedTuple):
@@ -1863,7 +1896,7 @@ def build_model(cfg: Config, device, world: int, inputs: Inputs) -> GPT:
         model.float()  # most CPUs emulate bf16 arithmetic, several times slower than fp32
     for p in model.parameters():
         dist.broadcast(p.detach(), 0)
-    model.fp8_head = fp8_head_enabled(cfg, device)
+    model.fp8_head = on_every_rank(fp8_head_enabled(cfg, device))
     model.use_attention(inputs.attention.kernel)
     return model
 
@@ -1891,14 +1924,20 @@ def train(cfg: Config, device, rank: int, world: int, inputs: Inputs, log: "RunL
     # Warm-up: an even and an odd step compile the training graph and, on CUDA, every optimizer step; a validation of
     # one batch compiles the evaluation graph. Every window shares them. Then it is all undone.
     optimizers = make_optimizers(cfg, raw_model)
+    agreement, stopping = StopAgreement(cfg), False
     if cfg.warmup_steps:
+        log.where = "in the warm-up"
         with explain_out_of_memory(cfg, world, training=True):
             for step in range(cfg.warmup_steps):
+                stopping = agreement.poll()
+                if stopping:
+                    break  # the first step boundary stops the run, once the warm-up is undone
                 windows = (long_window(cfg, step) // 2, long_window(cfg, step))
                 check.push(f"warm-up step {step + 1}", train_step(cfg, model, optimizers, batches, grad_accum, step, windows))
             check.check()
-        with explain_out_of_memory(cfg, world, training=False):
-            evaluate(model, val_data[:1], windows, device)
+        if not stopping:
+            with explain_out_of_memory(cfg, world, training=False):
+                evaluate(model, val_data[:1], windows, device)
         check = LossCheck(device)  # step lines show training losses, not the warm-up's
         raw_model.zero_grad(set_to_none=True)
         raw_model.load_state_dict(initial_state)
@@ -1906,6 +1945,7 @@ def train(cfg: Config, device, rank: int, world: int, inputs: Inputs, log: "RunL
         optimizers = make_optimizers(cfg, raw_model)
     del initial_state
     graphs.warmed_up()
+    agreement.set_timeout(datetime.timedelta(seconds=cfg.collective_timeout))
 
     start, train_ms = 0, 0.0
     if resume is not None:
@@ -1924,14 +1964,16 @@ def train(cfg: Config, device, rank: int, world: int, inputs: Inputs, log: "RunL
     t0 = time.perf_counter()
     for step in range(start, stop + 1):
         last = step == stop
+        stopping = not last and agreement.poll()  # on SIGTERM or SIGUSR1: a checkpoint of this step, and stop
         # a resumed run validated its first step before the checkpoint was written
         validate = validates(cfg, step, stop) and (resume is None or step > start)
-        save = cfg.save_every and step > start and (last or step % cfg.save_every == 0)
+        save = cfg.save_every and step > start and (last or stopping or step % cfg.save_every == 0)
         if validate or save:
             check.check()
             sync()
             train_ms += 1000 * (time.perf_counter() - t0)
             if validate:
+                log.where = f"in the validation at step {step}"
                 val_windows = final_windows(cfg, step) if last else windows
                 with explain_out_of_memory(cfg, world, training=False):
                     loss = evaluate(model, val_data, val_windows, device)
@@ -1939,11 +1981,17 @@ def train(cfg: Config, device, rank: int, world: int, inputs: Inputs, log: "RunL
                 if cfg.analysis == "on":
                     log.analysis(step, measure_weights(raw_model, optimizers))
             if save:
-                save_checkpoint(cfg, step, train_ms, raw_model, optimizers, batches, log)
+                log.where = f"writing the checkpoint of step {step}"
+                with agreement.patient():
+                    save_checkpoint(cfg, step, train_ms, raw_model, optimizers, batches, log)
             sync()
             t0 = time.perf_counter()
+        if stopping:
+            agreement.finish()
+            raise Preempted(step, str(checkpoint_path(cfg, step)) if save else resume and resume["path"])
         if last:
             break
+        log.where = f"in step {step + 1}"
         new_long = long_window(cfg, step)
         if new_long != windows[1]:
             raw_model.rotary.extend_window(windows[1], new_long)
@@ -1952,6 +2000,8 @@ def train(cfg: Config, device, rank: int, world: int, inputs: Inputs, log: "RunL
         check.push(f"step {step + 1}", loss)
         flops += cfg.train_batch_tokens * training_flops_per_token(cfg, *windows)
         log.step(step + 1, total_steps, train_ms + 1000 * (time.perf_counter() - t0), check.latest, flops)
+    agreement.finish()
+    log.where = "after training"
     memory = peak_memory(device)  # of the training, as the record reports it
     if hellaswag is not None:
         batch_tokens = min(HELLASWAG_BATCH_TOKENS, raw_model.rotary.cos.size(0))
@@ -1971,7 +2021,7 @@ def peak_memory(device) -> tuple[int, int]:
 
 
 class Interrupted(BaseException):
-    """SIGINT or SIGTERM: the run stops where it is and its record says so. Not an Exception, like
+    """SIGINT, SIGTERM or SIGUSR1 that stops the run where it is, and its record says so. Not an Exception, like
     KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
 
     def __init__(self, signum: int):
@@ -1979,41 +2029,219 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
-def stop_on_signal(signum, frame):
-    signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
-    raise Interrupted(signum)
+class Preempted(BaseException):
+    """Every rank agreed to stop at `step` on SIGTERM or SIGUSR1; `checkpoint` holds the run at that step (None at the
+    step the run started from without a checkpoint: it starts afresh again)."""
+
+    def __init__(self, step: int, checkpoint: str | None):
+        super().__init__(f"preempted at step {step}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: a temporary stop, to be run again (with --resume=auto)
+SAME_NOTICE_S = 5.0  # a signal this soon after the first is the same notice, passed on (Signals)
+
+
+class Signals:
+    """The signals that stop a run, process-wide as signals are (SIGNALS). SIGINT (Ctrl-C) stops the run at once.
+    SIGTERM and SIGUSR1, how a cluster announces a preemption or the time limit, do too, unless `deferred` (a run
+    that keeps checkpoints, once training has begun): then they only set `requested`, and the ranks agree at a step
+    boundary to write a checkpoint and stop (StopAgreement). Within `held()`, a stop waits for the block's end, so
+    that the files it writes are whole. A second signal ends the process at once, unless it comes within
+    SAME_NOTICE_S of the first, as the same notice passed on by a launcher (SLURM signals every process of a job step,
+    torchrun among them, which passes its own on), or the process is `closing`: stopping already, its checkpoint
+    written, telling why (torchrun stops every rank with SIGTERM as soon as one ends)."""
+    HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.requested: int | None = None
+        self.requested_at = 0.0
+        self.deferred = self.holding = self.closing = False
+        self.postponed: int | None = None
+
+    def handle(self, signum, frame):
+        if self.closing or (self.requested is not None and time.monotonic() - self.requested_at < SAME_NOTICE_S):
+            return
+        if self.requested is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.requested, self.requested_at = signum, time.monotonic()
+        if signum == signal.SIGINT or not self.deferred:
+            if self.holding:
+                self.postponed = signum
+            else:
+                raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def held(self):
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+            if self.postponed is not None:
+                signum, self.postponed = self.postponed, None
+                raise Interrupted(signum)
+
+
+SIGNALS = Signals()
+
+
+class StopAgreement:
+    """Whether any rank has been asked to stop (Signals.requested), agreed by all ranks at the same step boundary
+    without a GPU synchronisation: each boundary starts an all-reduce of this rank's flag on a CPU (gloo) group and
+    reads the one started at the boundary before, which finished meanwhile, so that no step waits on it. A signal is
+    acted on one or two steps after it comes. Without checkpoints a signal stops the run at once instead, and
+    nothing is reduced."""
+
+    def __init__(self, cfg: Config):
+        self.pending, self.timeout = None, STARTUP_TIMEOUT
+        self.group = dist.new_group(backend="gloo") if cfg.save_every else None
+
+    def poll(self) -> bool:
+        if self.group is None:
+            return False
+        agreed = self.finish()
+        flag = torch.tensor([SIGNALS.requested is not None], dtype=torch.int32)
+        self.pending = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag
+        return agreed
+
+    def finish(self) -> bool:
+        """The outcome of the all-reduce in flight, if any, which is then done with."""
+        if self.pending is None:
+            return False
+        work, flag = self.pending
+        work.wait()
+        self.pending = None
+        return bool(flag.item())
+
+    def set_timeout(self, timeout: datetime.timedelta):
+        """How long a rank waits in a collective, in the run's group and this one, before the run stops naming it."""
+        self.timeout = timeout
+        for group in filter(None, (dist.group.WORLD, self.group)):
+            dist.distributed_c10d._set_pg_timeout(timeout, group)  # torch's only way to change a live group's
+
+    @contextlib.contextmanager
+    def patient(self):
+        """The start-up's timeout meanwhile: a checkpoint takes as long as its filesystem takes to write it."""
+        timeout = self.timeout
+        self.set_timeout(STARTUP_TIMEOUT)
+        try:
+            yield
+        finally:
+            self.set_timeout(timeout)
+
+
+def resume_command(argv: list[str]) -> str:
+    """This run's arguments with --resume=auto in place of any --resume: what continues it, after the same launcher."""
+    kept, args = [], iter(argv)
+    for arg in args:
+        if arg == "--resume":
+            next(args, None)  # and its value
+        elif not arg.startswith("--resume="):
+            kept.append(arg)
+    return shlex.join(["train_gpt.py", *kept, "--resume=auto"])
+
+
+# How long rank 0 waits for the others' word on why they stopped, when it stops early itself.
+WORD_WAIT_S = 3.0
+
+
+def leave_word(store, rank: int, word: str):
+    """Tell rank 0 why this rank stops (others_words reads it). Best effort: the store may have gone with its host."""
+    try:
+        store.set(f"word/{rank}", word)
+    except Exception:
+        pass
+
+
+def others_words(store, world: int, mine: str) -> str:
+    """For rank 0's record of a run that stops early: which other ranks failed otherwise than `mine`, rank 0's own
+    word, with their first line, or gave no word within WORD_WAIT_S; '' where every other rank stopped as rank 0 did
+    or was stopped (interrupted or preempted)."""
+    waiting, words = set(range(1, world)), {}
+    deadline = time.monotonic() + WORD_WAIT_S
+    try:
+        while waiting and time.monotonic() < deadline:
+            for rank in [r for r in waiting if store.check([f"word/{r}"])]:
+                words[rank] = store.get(f"word/{rank}").decode()
+                waiting.discard(rank)
+            time.sleep(0.05)
+    except Exception:
+        return ""  # the store went with torchrun: nothing more can be known
+    notes = [f"rank {r} {w}" for r, w in sorted(words.items()) if w.startswith("failed") and w != mine]
+    if waiting:
+        ranks = ", ".join(map(str, sorted(waiting)))
+        notes.append(f"rank{'s' * (len(waiting) > 1)} {ranks} stopped without a word (killed by a signal such as "
+                     "SIGKILL or the out-of-memory killer, or stuck)")
+    return "; ".join(notes)
+
+
+def record_for_torchrun(error: BaseException):
+    """The error file that torchrun's elastic agent reads, so that its summary names this rank's error."""
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:
+        ErrorHandler().record_exception(error)
 
 
 def main(argv=None) -> int:
     started = time.perf_counter()
+    argv = sys.argv[1:] if argv is None else argv
     settings = contextlib.ExitStack()  # what the run sets for its whole process, undone when main returns
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        settings.callback(signal.signal, signum, signal.signal(signum, stop_on_signal))
-    rank, log = int(os.environ.get("RANK", 0)), None
+    SIGNALS.reset()
+    for signum in Signals.HANDLED:
+        settings.callback(signal.signal, signum, signal.signal(signum, SIGNALS.handle))
+    rank, world, store, log = int(os.environ.get("RANK", 0)), 1, None, None
+
+    def stopped(status: str, message: str, error: BaseException) -> str:
+        """Leave word for rank 0 and the error file for torchrun; rank 0 adds what the other ranks said."""
+        SIGNALS.closing = True
+        if world > 1:
+            word = f"{status}: {message}"
+            leave_word(store, rank, word)
+            if rank == 0 and status != "preempted":
+                message = "; ".join(filter(None, [message, others_words(store, world, word)]))
+        record_for_torchrun(error)
+        return message
+
     try:
-        cfg = parse_config(sys.argv[1:] if argv is None else argv)
-        device, rank, world = setup_device(cfg)
+        cfg = parse_config(argv)
+        device, rank, world, store = setup_device(cfg)
         resume = agreed(lambda: find_resume(cfg, device, world))
         inputs = agreed(lambda: check_inputs(cfg, rank, world, device, settings))
+        inputs = inputs._replace(attention=common_attention(inputs.attention))
         log = RunLog(cfg, rank, world, device, resume)
+        SIGNALS.deferred = bool(cfg.save_every)
         train(cfg, device, rank, world, inputs, log, started, resume)
         return 0
-    except Interrupted as e:
+    except Preempted as e:
+        stopped("preempted", str(e), e)
         if log is not None:
-            log.interrupt(e)
+            log.preempt(e, resume_command(argv))
+        return PREEMPTED_EXIT
+    except Interrupted as e:
+        message = stopped("interrupted", f"interrupted by {e}", e)
+        if log is not None:
+            log.interrupt(e, message)
         elif rank == 0:
             print(f"interrupted by {e} before the run started; no record written", file=sys.stderr, flush=True)
         return 128 + e.signum
     except (UserError, TrainingError) as e:
+        message = stopped("failed", f"error: {e}", e)
         if isinstance(e, TrainingError) or rank == 0:  # input errors are the same on every rank (see agreed)
             print(f"error: {e}", file=sys.stderr, flush=True)
         if log is not None:
-            log.fail(f"error: {e}")
+            log.fail(message)
         return 2 if isinstance(e, UserError) else 1
-    except Exception:
+    except Exception as e:  # a bug, or a collective that failed or timed out: where it happened, and the traceback
+        where = log.where if log is not None else "at start-up"
+        message = stopped("failed", f"error {where}: {first_line(e)}", e)
         traceback.print_exc()
         if log is not None:
-            log.fail(traceback.format_exc())
+            log.fail(f"{message}\n{traceback.format_exc()}")
         return 1
     finally:
         if dist.is_initialized():
@@ -2029,7 +2257,8 @@ CHECKPOINT_FORMAT = "train_gpt-checkpoint/1"
 # Flags that may change when a run resumes: they steer or record the run but do not change what it computes.
 RESUMABLE_CHANGES = ("preset", "max_steps", "val_loss_every", "dense_val_every", "dense_val_steps", "warmup_steps",
                      "device", "compile", "compile_cache", "log_dir", "checkpoint", "save_every", "keep_checkpoints",
-                     "checkpoint_dir", "resume", "hellaswag", "attention", "analysis", "target_val_loss")
+                     "checkpoint_dir", "resume", "hellaswag", "attention", "analysis", "target_val_loss",
+                     "collective_timeout")
 
 
 # sample.py reads checkpoints in a single process, without a process group, on purpose.
@@ -2128,13 +2357,17 @@ def checkpoint_state(raw_model: "GPT", optimizers) -> dict:
     return state
 
 
+def checkpoint_path(cfg: Config, step: int) -> Path:
+    return Path(cfg.checkpoint_dir) / f"step_{step:06d}"
+
+
 def save_checkpoint(cfg: Config, step: int, train_ms: float, raw_model: "GPT", optimizers, batches: TrainBatches,
                     log: "RunLog"):
     """Write <checkpoint_dir>/step_<step> through a hidden temporary folder renamed once complete, so that a crash
     mid-save leaves the earlier checkpoints as they were; then keep the newest --keep_checkpoints."""
     started = time.perf_counter()
     folder = Path(cfg.checkpoint_dir)
-    path, tmp = folder / f"step_{step:06d}", folder / f".step_{step:06d}.tmp"
+    path, tmp = checkpoint_path(cfg, step), folder / f".step_{step:06d}.tmp"
     if dist.get_rank() == 0:
         for leftover in folder.glob(".step_*.tmp"):  # saves cut short by a crash
             shutil.rmtree(leftover)
@@ -2465,8 +2698,13 @@ class RunLog:
 
     def __init__(self, cfg: Config, rank: int, world: int, device, resumed: dict | None = None):
         self.enabled = rank == 0
+        self.where = "at start-up"  # what the run is doing, on every rank, for the record of a collective that fails
         if not self.enabled:
             return
+        with SIGNALS.held():  # an interrupt now comes after both files exist
+            self._open(cfg, world, device, resumed)
+
+    def _open(self, cfg: Config, world: int, device, resumed: dict | None):
         self.batch_tokens = cfg.train_batch_tokens
         self.stop = final_step(cfg)  # the step the run ends at, for the time still to go
         peak = peak_bf16_flops(device)
@@ -2596,22 +2834,34 @@ class RunLog:
         self.record.update(status="finished", steps_done=steps, final_val_loss=final, train_time_ms=train_ms,
                            step_avg_ms=train_ms / max(steps, 1), peak_memory_allocated_mib=memory[0],
                            peak_memory_reserved_mib=memory[1])
-        self._write_json()
-        self.line(f"finished: val_loss {final:.4f} after {steps} steps, {train_ms / 1000:.1f}s of training, "
-                  f"{self.record['startup_s']:.1f}s of start-up; record: {self.txt_path}, {self.json_path}")
-        self.file.close()
+        with SIGNALS.held():
+            self._write_json()
+            self.line(f"finished: val_loss {final:.4f} after {steps} steps, {train_ms / 1000:.1f}s of training, "
+                      f"{self.record['startup_s']:.1f}s of start-up; record: {self.txt_path}, {self.json_path}")
+            self.file.close()
 
     def fail(self, message: str):
         if self.open:
             self._stop("failed", message, f"failed after step {self.record['steps_done']}; record: {self.txt_path}")
 
-    def interrupt(self, reason: Interrupted):
+    def interrupt(self, reason: Interrupted, message: str):
+        """`message`: the signal, and what the other ranks said (others_words)."""
         if not self.open:
             return
         summary = f"interrupted at step {self.record['steps_done']}; record: {self.txt_path}"
-        if reason.signum == signal.SIGTERM and "TORCHELASTIC_RUN_ID" in os.environ:
+        others_unknown = message == f"interrupted by {reason}"
+        if others_unknown and reason.signum == signal.SIGTERM and "TORCHELASTIC_RUN_ID" in os.environ:
             summary += " (torchrun also stops the other ranks this way when one fails: see its error above)"
-        self._stop("interrupted", f"interrupted by {reason}", summary)
+        self._stop("interrupted", message, summary)
+
+    def preempt(self, reason: Preempted, command: str):
+        """A stop on SIGTERM or SIGUSR1 with a checkpoint: where it is and the command that goes on from it."""
+        if not self.open:
+            return
+        self.record["preempted"] = {"step": reason.step, "checkpoint": reason.checkpoint, "resume": command}
+        saved = f"checkpoint {reason.checkpoint}" if reason.checkpoint else "no checkpoint yet, so it starts afresh"
+        self._stop("preempted", f"{reason}: {saved}",
+                   f"{reason}; record: {self.txt_path}; to go on, launch it again as before with: {command}")
 
     @property
     def open(self) -> bool:
@@ -2619,10 +2869,11 @@ class RunLog:
 
     def _stop(self, status: str, error: str, summary: str):
         """End both files of a run that stops early; stderr gets where it stopped and where its record is."""
-        self.record.update(status=status, error=error)
-        self._write_json()
-        self.file.write(f"{error.rstrip()}\n{summary}\n")
-        self.file.close()
+        with SIGNALS.held():
+            self.record.update(status=status, error=error)
+            self._write_json()
+            self.file.write(f"{error.rstrip()}\n{summary}\n")
+            self.file.close()
         print(summary, file=sys.stderr, flush=True)
 
     def _write_json(self):

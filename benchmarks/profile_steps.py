@@ -21,7 +21,7 @@ import train_gpt as tg
 
 def build(cfg: tg.Config, settings: contextlib.ExitStack):
     """Device, model, optimizers, batches and step shape, from train_gpt's checks and constructors, as train() makes them."""
-    device, rank, world = tg.setup_device(cfg)
+    device, rank, world, _ = tg.setup_device(cfg)
     inputs = tg.check_inputs(cfg, rank, world, device, settings)
     raw_model = tg.build_model(cfg, device, world, inputs)
     model = torch.compile(raw_model, dynamic=False, fullgraph=True) if tg.compiles(cfg, device) else raw_model

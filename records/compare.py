@@ -246,9 +246,9 @@ def run_from_record(path: Path, data: dict) -> Run:
         analysis = checked_analysis(data.get("analysis"))
     except (KeyError, TypeError, ValueError) as e:
         raise RecordError(f"{path}: damaged record, field {e} is missing or malformed; {damaged_fix(path)}")
-    if status not in ("finished", "running", "failed", "interrupted"):
-        raise RecordError(f"{path}: damaged record, status {status!r} is not finished, running, failed or "
-                          f"interrupted; {damaged_fix(path)}")
+    if status not in ("finished", "running", "failed", "interrupted", "preempted"):
+        raise RecordError(f"{path}: damaged record, status {status!r} is not finished, running, failed, "
+                          f"interrupted or preempted; {damaged_fix(path)}")
     if not val:
         raise RecordError(f"{path}: no validation point: the run {status} before its first validation")
     where = "after" if status == "failed" else "at"  # as train_gpt.py says it: a failed step did not complete

@@ -132,8 +132,12 @@ _tiny_runs = {}  # one run per mode for the whole session, whatever order the te
 def tiny_run(request, tiny_shards, tmp_path_factory) -> TinyRun:
     """The whole tiny preset on ./run.sh's shards with --compile=off or --compile=on (on an empty compile cache, as
     on a new machine), in one thread, with every loss at full precision (tests/golden_run.py)."""
+    return tiny_run_of(request.param, tiny_shards, tmp_path_factory)
+
+
+def tiny_run_of(mode: str, tiny_shards, tmp_path_factory) -> TinyRun:
+    """tiny_run's run of one mode, for a test that needs only that one."""
     import golden_run  # after the flag above
-    mode = request.param
     if mode not in _tiny_runs:
         folder = tmp_path_factory.mktemp(f"tiny_compile_{mode}")
         found = golden_run.run_tiny(tiny_shards, mode, folder)

@@ -106,6 +106,38 @@ def test_a_killed_and_resumed_run_ends_bit_for_bit_like_an_unbroken_one(runs, sh
             < text.index(f"step:{start + 1}/{total} train_time", resumed_at))
 
 
+def test_a_preempted_run_checkpoints_where_it_stops_and_resumes_bit_for_bit(runs, shards, tmp_path):
+    """SIGTERM to torchrun, as SLURM sends it, after step 1 of a run that saves only at its end: torchrun passes it
+    to both ranks, which agree on a step, write a checkpoint of it and stop with a preempted record that gives the
+    command to go on; that command ends where the unbroken run ends, bit for bit."""
+    straight, _ = runs(2)
+    args = tiny_args(shards, tmp_path, *FAST, f"--max_steps={STEPS}", "--checkpoint=model.pt", "--save_every=100")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "train_gpt.py"), *args], cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step:1/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, stderr = proc.communicate(timeout=120)
+    record, text = record_of(tmp_path)
+    step = record["steps_done"]
+    assert record["status"] == "preempted" and 2 <= step < STEPS, stderr[-3000:]
+    assert record["preempted"] == {"step": step, "checkpoint": f"checkpoints/step_{step:06d}",
+                                   "resume": tg.resume_command(args)}
+    assert [p.name for p in tg.checkpoint_folders(tmp_path / "checkpoints")] == [f"step_{step:06d}"]
+    assert text.rstrip().splitlines()[-1] == (f"preempted at step {step}; record: {tmp_path}/logs/{record['log_file']}; to go on, "
+                                              f"launch it again as before with: {tg.resume_command(args)}")
+
+    result = run_trainer([*args, "--resume=auto"], tmp_path, nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected, resumed = torch.load(straight / "model.pt"), torch.load(tmp_path / "model.pt")
+    assert [k for k in expected if not torch.equal(expected[k], resumed[k])] == []
+    record = record_of(tmp_path)[0]
+    assert record["status"] == "finished" and record["final_val_loss"] == record_of(straight)[0]["final_val_loss"]
+    assert record["resumed"] == [{"step": step, "checkpoint": f"checkpoints/step_{step:06d}", "world_size": 2}]
+
+
 def overall_difference(a: dict, b: dict) -> float:
     """||a - b|| / ||a|| over all tensors of two state_dicts together (the scalar vector over its common part)."""
     common = [(a[k].float().flatten(), b[k].float().flatten()) for k in a]

@@ -74,6 +74,7 @@ def record_json(run_id: str, val: dict[int, float], num_steps: int, last_step: i
         "step_avg_ms": MS_PER_STEP if done else None,
         "peak_memory_allocated_mib": 29248 if done else None, "peak_memory_reserved_mib": 50528 if done else None,
         "error": {"finished": None, "failed": "RuntimeError: CUDA error", "interrupted": "interrupted by SIGINT",
+                  "preempted": f"preempted at step {last_step}: checkpoint checkpoints/step_{last_step:06d}",
                   "running": None}[status],
     }
 

@@ -369,7 +369,7 @@ def test_main_sets_what_the_run_needs_for_the_run_only(shards, tmp_path, monkeyp
         for s, handler in zip((signal.SIGINT, signal.SIGTERM), before):
             signal.signal(s, handler)
     assert code == 2 and record_of(tmp_path)[0]["error"] == "error: stopped once ready"
-    assert seen == {"handlers": [tg.stop_on_signal] * 2, "cache": str(tmp_path / "cache" / "inductor")}
+    assert seen == {"handlers": [tg.SIGNALS.handle] * 2, "cache": str(tmp_path / "cache" / "inductor")}
     assert after == ours
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] != seen["cache"]
     assert not torch.distributed.is_initialized()
