@@ -6,12 +6,14 @@ commit of its own that says why.
 How close is the same: on a machine like the one that wrote the file (the same torch and numpy, CPU vector
 instructions and one thread, as the file's "machine" lists them) a run is deterministic, so every loss must equal the
 file's to the last bit: two eager runs there did, and so did a compiled run on a warm compile cache against the cold
-one. Elsewhere the kernels round differently, and training amplifies a rounding difference. Measured on the file's
-machine, compiling (inductor fuses and reorders the float32 arithmetic) first changes a training loss at step 4 and
-then moves training losses by up to 4.2e-4 (step 31), validation losses by up to 7.7e-5. So elsewhere a training
-loss must be within 1.5e-3 of the file's and a validation loss within 3e-4, about 3.5 times those. That still catches
-a small real change: 1% more NorMuon lr moves training losses by up to 2.4e-3 and the step-20 validation by 6.4e-4
-(its final validation loss by only 3.7e-5: the tiny run's end is flat, so the whole curve is compared).
+one. Elsewhere the kernels round differently, and training amplifies a rounding difference. Measured against the file
+(written on an Intel Xeon with AVX512, torch 2.13): on an AMD EPYC with AVX512, eager runs moved training losses by up
+to 5.9e-4 and validation losses by up to 2.5e-4, compiled ones (inductor fuses and reorders the float32 arithmetic)
+by up to 6.5e-4 and 3.2e-4, the same on torch 2.11 and 2.13; with torch held to AVX2 there (ATEN_CPU_CAPABILITY=avx2),
+compiled, by up to 6.3e-4 and 3.5e-4. So elsewhere a training loss must be within 1.5e-3 of the file's and a
+validation loss within 1e-3, about 2.3 and 2.9 times those. That still catches a small real change: 1% more NorMuon lr
+moves training losses by up to 2.4e-3 (the step-20 validation by 6.4e-4, its final validation loss by only 3.7e-5:
+the tiny run's end is flat, so the whole curve is compared).
 """
 import json
 from pathlib import Path
@@ -19,7 +21,7 @@ from pathlib import Path
 import golden_run
 
 GOLDEN = json.loads((Path(__file__).parent / "golden_tiny.json").read_text())
-TRAIN_ELSEWHERE, VAL_ELSEWHERE = 1.5e-3, 3e-4  # see above
+TRAIN_ELSEWHERE, VAL_ELSEWHERE = 1.5e-3, 1e-3  # see above
 
 
 def test_every_loss_of_the_tiny_preset_is_the_golden_one(tiny_run):  # once per --compile mode
