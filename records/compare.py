@@ -18,7 +18,9 @@ import shutil
 import sys
 import tempfile
 import dataclasses
+import datetime
 import difflib
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -1386,6 +1388,171 @@ def write_folder_atomically(folder: Path, files: dict[str, str | bytes]) -> None
 
 
 # -----------------------------------------------------------------------------
+# A record's folder for the speedrun's repository: records/track_1_short/DATE_NAME with baseline/ and this_pr/
+
+SUBMISSION_TRACK = Path("records/track_1_short")  # where the speedrun's repository keeps its main track's records
+SUBMISSION_P = 0.01                       # the main track's rule: mean below the target at p < 0.01
+CUDA_LINE = re.compile(r"CUDA Version: ([\d.]+)")
+VERSIONS_LINE = re.compile(r"Python (\S+), PyTorch (\S+), Triton (.+)")
+
+
+def log_of(run: Run) -> Path | None:
+    """The .txt log of a run: its source, or the log_file its .json record names; None where it is not there."""
+    if run.source.suffix == ".txt":
+        return run.source
+    try:
+        path = run.source.with_name(json.loads(read_text(run.source))["log_file"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return path if path.is_file() else None
+
+
+def software_of(run: Run) -> dict[str, str]:
+    """The torch, Triton and CUDA versions a run ran with, from its record and its log (CUDA: nvidia-smi's, in the
+    log's header); those neither tells are left out."""
+    found = {}
+    if run.source.suffix == ".json":
+        env = json.loads(read_text(run.source)).get("env") or {}
+        found = {"torch": env.get("torch"), "Triton": env.get("triton")}
+    log = log_of(run)
+    if log is not None:
+        parts = read_text(log).split("\n" + SEPARATOR + "\n", 2)
+        header = parts[1] if len(parts) == 3 else ""  # between the source and the step lines
+        if m := VERSIONS_LINE.search(header):
+            found = {"torch": found.get("torch") or m[2], "Triton": found.get("Triton") or m[3]}
+        if m := CUDA_LINE.search(header):
+            found["CUDA"] = m[1]
+    return {key: str(value) for key, value in found.items() if value and value != "not installed"}
+
+
+def one_or_all(values) -> str:
+    values = list(dict.fromkeys(values))
+    return ", ".join(values) if values else "unknown"
+
+
+def statistics_md(label: str, runs: list[Run], target: float) -> str:
+    """A side's statistics.md: its machine and software, the loss and time figures, the losses and times as lists
+    and the scipy lines that recompute its p-value from them."""
+    losses = [r.final.val_loss for r in runs]
+    times = [r.final.train_time_ms / 1000 for r in runs]
+    loss_mean, loss_std = mean_std(losses)
+    time_mean, time_std = mean_std(times)
+    p = t_test_below(losses, target)["p"]
+    software = [software_of(r) for r in runs]
+    out = [f"# {label}", ""]
+    if not p < SUBMISSION_P:
+        out += [f"**These runs do not reach the target: p = {fmt(p, '.4g')}, not below {SUBMISSION_P} (one-sided "
+                f"t-test of mean val loss < {target}).**", ""]
+    out += [f"- GPUs: {one_or_all(r.hardware or 'unknown' for r in runs)}"]
+    out += [f"- {name}: {one_or_all(s[name] for s in software if name in s)}" for name in ("torch", "Triton", "CUDA")]
+    out += [f"- runs: {len(runs)}", "", "| figure | value |", "| --- | --- |",
+            f"| mean val loss | {fmt(loss_mean, '.4f')} |", f"| val loss std (n - 1) | {fmt(loss_std, '.4f')} |",
+            f"| p, one-sided t-test of mean < {target} | {fmt(p, '.4g')} |",
+            f"| mean train time | {fmt(time_mean, '.3f')} s |", f"| train time std (n - 1) | {fmt(time_std, '.3f')} s |",
+            f"| median train time | {float(np.median(times)):.3f} s |",
+            f"| train time range | {min(times):.3f} s - {max(times):.3f} s |", "",
+            "```python", "import scipy.stats", f"losses = {losses!r}", f"times = {times!r}",
+            f'print("p =", scipy.stats.ttest_1samp(losses, {target!r}, alternative="less").pvalue)', "```", ""]
+    return "\n".join(out)
+
+
+def source_of(run: Run) -> str | None:
+    """The train_gpt.py a run ran, as its log keeps it above the separator; None where there is no such log."""
+    log = log_of(run)
+    text = read_text(log) if log else ""
+    return text.split("\n" + SEPARATOR + "\n", 1)[0] + "\n" if "\n" + SEPARATOR + "\n" in text else None
+
+
+def what_changed(runs: RunSet, baseline: RunSet) -> list[str]:
+    """The flags the sides differ in, and the diff of the train_gpt.py they ran where the two differ."""
+    changed = knob(runs, baseline)
+    theirs = shared_settings(baseline)
+    flags, before = (" ".join(f"--{key}={flag_value(values[key])}" for key in changed) for values in (changed, theirs))
+    out = [f"Flags: `{flags}` (the baseline: `{before}`)." if flags else "Flags: the same on both sides."]
+    sources = [source_of(s.finished[0]) for s in (baseline, runs)]
+    if None in sources:
+        out.append("The logs of one side keep no source: no diff of train_gpt.py.")
+    elif sources[0] != sources[1]:
+        lines = difflib.unified_diff(sources[0].splitlines(keepends=True), sources[1].splitlines(keepends=True),
+                                     "baseline/train_gpt.py", "this_pr/train_gpt.py")
+        out += ["", "The diff of train_gpt.py between the two sides' recorded sources:", "", "```diff",
+                "".join(lines).rstrip("\n"), "```"]
+    else:
+        out.append("train_gpt.py is the same on both sides.")
+    return out
+
+
+def time_saved(runs: RunSet, baseline: RunSet) -> str:
+    """The training time saved (baseline minus this side), paired by seed where they share 2 seeds, else Welch's."""
+    pairs = paired(runs.finished, baseline.finished)
+    if pairs and pairs["train_time_s"]["n"] >= 2:
+        t = pairs["train_time_s"]
+        saved, (low, high), how = -t["mean"], [-x for x in reversed(t["ci95"])], f"paired by seed over {t['n']} seeds"
+        p = t["p"]
+    else:
+        mine, theirs = ([r.final.train_time_ms / 1000 for r in s.finished] for s in (runs, baseline))
+        w = welch(theirs, mine)
+        saved, (low, high), how, p = float(np.mean(theirs) - np.mean(mine)), w["ci95"], "Welch's t-test", w["p"]
+    base = mean_std([r.final.train_time_ms / 1000 for r in baseline.finished])[0]
+    interval = "n/a" if math.isnan(low) else f"[{low:+.3f}, {high:+.3f}] s"
+    return (f"Time saved: {saved:+.3f} s ({100 * saved / base:+.2f}% of the baseline's {base:.3f} s), 95% interval "
+            f"{interval}, p = {fmt(p, '.3g')} ({how}, two-sided).")
+
+
+def submission(runs: RunSet, baseline: RunSet, name: str, out: Path, target: float | None = None,
+               today: datetime.date | None = None) -> Path:
+    """OUT/records/track_1_short/DATE_NAME: baseline/ and this_pr/ with their logs and statistics.md, and a README
+    with what changed, the time saved and the plots (the validation curves, and the weights' mean square where the
+    records hold it)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise RecordError(f"--name {name!r}: use letters, digits, '.', '_' and '-', as in CautiousWD")
+    today = today or datetime.datetime.now(datetime.timezone.utc).date()
+    folder = out / SUBMISSION_TRACK / f"{today:%Y-%m-%d}_{name}"
+    if folder.exists():
+        raise RecordError(f"{folder} already exists; choose another --name or --out, or remove that folder")
+    reason = incomparable(runs, baseline)
+    if reason:
+        raise RecordError(f"{reason}; a record compares runs of one model")
+    target = choose_target([runs, baseline], target)[0]
+    sides = {"this_pr": runs, "baseline": baseline}
+    files: dict[str, str | bytes] = {}
+    failing = []
+    for side_name, runset in sides.items():
+        files[f"{side_name}/statistics.md"] = statistics_md(f"{side_name}: {runset.name}", runset.finished, target)
+        for run in runset.finished:
+            log = log_of(run)
+            if log is not None:
+                files[f"{side_name}/{log.name}"] = log.read_bytes()
+        p = t_test_below([r.final.val_loss for r in runset.finished], target)["p"]
+        if not p < SUBMISSION_P:
+            failing.append(f"**{side_name} does not reach the target: p = {fmt(p, '.4g')}, not below "
+                           f"{SUBMISSION_P} (one-sided t-test of mean val loss < {target}).**")
+    sets = [dataclasses.replace(runs, name="this_pr"), dataclasses.replace(baseline, name="baseline")]
+    plots = {"curves.png": ("validation loss", VAL_LOSS)}
+    for group in KEY_GROUPS:
+        metric = f"mean_square:{group}"
+        if any(run_points(r, metric) for s in sets for r in s.finished):
+            plots[f"mean_square_{group}.png"] = (f"mean square of the {group} weights", metric)
+    for file_name, (_, metric) in plots.items():
+        buffer = io.BytesIO()
+        figure([dataclasses.replace(s, runs=s.finished) for s in sets], metric, target).savefig(buffer, format="png")
+        files[file_name] = buffer.getvalue()
+    means = {key: mean_std([r.final.val_loss for r in s.finished])[0] for key, s in sides.items()}
+    readme = [f"# {name}", ""] + [line for f in failing for line in (f, "")] + ["## What changed", ""]
+    readme += what_changed(runs, baseline) + ["", "## Results", "",
+               f"Mean final validation loss {means['this_pr']:.4f} over {plural(len(runs.finished), 'run')} "
+               f"(baseline: {means['baseline']:.4f} over {len(baseline.finished)}), target {target}.", "",
+               time_saved(runs, baseline), ""]
+    readme += [f"![{title}]({file_name})" for file_name, (title, _) in plots.items()]
+    readme += ["", "Each side's figures, its losses and times, and the lines that recompute its p-value: "
+               "[this_pr/statistics.md](this_pr/statistics.md), [baseline/statistics.md](baseline/statistics.md); "
+               "its logs beside them.", ""]
+    files["README.md"] = "\n".join(readme)
+    write_folder_atomically(folder, files)
+    return folder
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 def finite_number(text: str) -> float:
@@ -1428,7 +1595,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  python records/compare.py diff logs/ --baseline record43\n"
                "  python records/compare.py plot logs/ --baseline record43 -o curves.png\n"
                "  python records/compare.py record logs/baseline --name mybox\n"
-               "  python records/compare.py sweep logs/sweep/weight_decay=0.6,1.2,1.8")
+               "  python records/compare.py sweep logs/sweep/weight_decay=0.6,1.2,1.8\n"
+               "  python records/compare.py submission logs/b --baseline logs/a --name CautiousWD")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name, help, description):
@@ -1490,7 +1658,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "from the finished RUNs, which must share one setup and machine; then "
                     "`diff RUNS --baseline NAME` compares against times measured on this machine.")
     recording.add_argument("--name", required=True, help="the folder to create in records/, e.g. mybox")
-    for sub in (summary, diffing, plotting, sweeping):
+    submitting = add("submission", "write the folder a record's pull request adds to the speedrun's repository",
+                     f"Write OUT/{SUBMISSION_TRACK}/DATE_NAME/ from the finished RUNs (this_pr/) and the baseline's "
+                     "(baseline/): each side's .txt logs and a statistics.md (GPUs, torch, Triton and CUDA versions, "
+                     "runs; mean val loss, its std, the one-sided p for the target, the training time's mean, std, "
+                     "median and range; the losses and times as Python lists and the scipy lines that recompute p), "
+                     "and a README.md with what changed (flags, or the diff of the recorded train_gpt.py), the time "
+                     "saved with its paired interval, and the validation curves and weight figures as PNG files. "
+                     f"A side whose p is not below {SUBMISSION_P} gets the folder too, with that said at the top.")
+    submitting.add_argument("--baseline", required=True, metavar="NAME_OR_PATH", help="the runs the record beats")
+    submitting.add_argument("--name", required=True, help="the record's name, e.g. CautiousWD")
+    submitting.add_argument("--out", type=Path, default=Path("submission"),
+                            help=f"the folder to write {SUBMISSION_TRACK}/DATE_NAME in, e.g. a clone of the "
+                                 "speedrun's repository (default: %(default)s)")
+    for sub in (summary, diffing, plotting, sweeping, submitting):
         sub.add_argument("--target", type=finite_number, metavar="LOSS",
                          help="the validation loss to reach, in every figure, p-value and line (default: the one the "
                               f"(baseline's) runs aim at, set with their preset: {TARGET_LOSS} for the record "
@@ -1526,6 +1707,11 @@ def main(argv: list[str] | None = None) -> int:
             folder = write_record(runs, args.name)
             print(f"wrote {folder} from {plural(len(runs.finished), 'finished run')}; compare with it: "
                   f"python records/compare.py diff RUN... --baseline {args.name}")
+            return 0
+        if args.command == "submission":
+            folder = submission(runs, baseline, args.name, args.out, args.target)
+            print(f"wrote {folder}: README.md, baseline/ and this_pr/; copy {args.out / 'records'} into a clone of "
+                  "the speedrun's repository for the pull request")
             return 0
         if args.command == "plot":
             sets = [runs] + ([baseline] if baseline else [])

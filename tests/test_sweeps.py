@@ -1,6 +1,6 @@
 """Sweeps over a knob: the plan of their runs (records/ab.py), the verdict of every arm with Holm-adjusted p-values
 (compare.py sweep), ./run.sh --sweep run, interrupted and resumed, and its runs packed side by side
-(--gpus_per_run)."""
+(--gpus_per_run); and the record folder of a submission to the speedrun (compare.py submission)."""
 import json
 import math
 import os
@@ -8,12 +8,13 @@ import re
 import signal
 import subprocess
 import sys
+from datetime import date
 from pathlib import Path
 
 import pytest
 from scipy import stats
 
-from test_records import cli, cli_json, png_size, record_json
+from test_records import cli, cli_json, png_size, record_json, write_run
 from test_train import ROOT, fake_nvidia_smi
 
 import ab  # noqa: E402 (records/ is on the path through test_records)
@@ -305,3 +306,86 @@ def test_run_sh_refuses_a_bad_comparison_before_any_run(tmp_path, gpus, args, me
                             env=fake_nvidia_smi(tmp_path, gpus), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and result.stderr.startswith(message) and len(result.stderr.splitlines()) == 1
     assert "run 1" not in result.stdout and not (tmp_path / "logs").exists()
+
+
+# -----------------------------------------------------------------------------
+# compare.py submission: the speedrun's record folder
+
+def write_side(folder: Path, losses: list[float], times: list[float], **setup) -> Path:
+    """Finished runs of seeds 0, 1, ... with these final losses and training times: a .json record and its .txt log
+    each, as train_gpt.py writes them."""
+    for seed, (loss, time_s) in enumerate(zip(losses, times)):
+        write_run(folder, f"run{seed}", {0: 10.8, 200: 3.6, 400: loss}, setup={"seed": seed, **setup})
+        record = json.loads((folder / f"run{seed}.json").read_text())
+        record["val"][-1]["train_time_ms"] = record["train_time_ms"] = 1000 * time_s
+        (folder / f"run{seed}.json").write_text(json.dumps(record))
+    return folder
+
+
+def statistics_table(text: str) -> dict[str, str]:
+    return {m[1]: m[2] for m in re.finditer(r"^\| (.+?) \| (.+?) \|$", text, re.M)}
+
+
+def snippet_p(text: str, tmp_path: Path) -> float:
+    """Run the statistics.md's python block as it is; the p it prints."""
+    code = re.search(r"```python\n(.*?)```", text, re.S)[1]
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert result.stdout.startswith("p = ")
+    return float(result.stdout.removeprefix("p = "))
+
+
+def test_submission_writes_the_record_folder_whose_figures_scipy_recomputes(tmp_path):
+    this = write_side(tmp_path / "b", [3.2771, 3.2779, 3.2768, 3.2775], [137.2, 137.5, 137.1, 137.4], muon_lr=0.04)
+    base = write_side(tmp_path / "a", [3.2782, 3.2788, 3.2779, 3.2786], [138.0, 138.4, 137.9, 138.1])
+    log = (this / "run0.txt").read_text()
+    (this / "run0.txt").write_text(log.replace("import torch\n", "import torch  # faster\n", 1))
+    folder = compare.submission(compare.load_set([str(this)], False), compare.load_set([str(base)], False),
+                                "CautiousWD", tmp_path / "out", today=date(2026, 3, 1))
+    assert folder == tmp_path / "out/records/track_1_short/2026-03-01_CautiousWD"
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == [
+        "README.md", "baseline", *[f"baseline/run{i}.txt" for i in range(4)], "baseline/statistics.md", "curves.png",
+        "this_pr", *[f"this_pr/run{i}.txt" for i in range(4)], "this_pr/statistics.md"]
+    assert (folder / "baseline/run2.txt").read_text() == (base / "run2.txt").read_text()
+    for side, losses, times in (("this_pr", [3.2771, 3.2779, 3.2768, 3.2775], [137.2, 137.5, 137.1, 137.4]),
+                                ("baseline", [3.2782, 3.2788, 3.2779, 3.2786], [138.0, 138.4, 137.9, 138.1])):
+        text = (folder / side / "statistics.md").read_text()
+        figures = statistics_table(text)
+        p = stats.ttest_1samp(losses, 3.28, alternative="less").pvalue
+        assert figures["mean val loss"] == f"{sum(losses) / 4:.4f}"
+        assert figures["val loss std (n - 1)"] == f"{stats.tstd(losses):.4f}"
+        assert figures["p, one-sided t-test of mean < 3.28"] == f"{p:.4g}"
+        assert figures["median train time"] == f"{sorted(times)[1] / 2 + sorted(times)[2] / 2:.3f} s"
+        assert figures["train time range"] == f"{min(times):.3f} s - {max(times):.3f} s"
+        assert snippet_p(text, tmp_path) == pytest.approx(p, rel=1e-12)
+        assert "- GPUs: 8x NVIDIA H100 80GB HBM3\n- torch: 2.13.0\n- Triton: 3.9.0\n- CUDA: unknown\n- runs: 4\n" in text
+        assert "do not reach the target" not in text
+    readme = (folder / "README.md").read_text()
+    assert readme.startswith("# CautiousWD\n\n## What changed\n\nFlags: `--muon_lr=0.04` (the baseline: `--muon_lr=0.03`).")
+    assert "```diff\n--- baseline/train_gpt.py\n+++ this_pr/train_gpt.py\n" in readme
+    assert "\n-import torch\n+import torch  # faster\n" in readme
+    saved = stats.ttest_rel([138.0, 138.4, 137.9, 138.1], [137.2, 137.5, 137.1, 137.4])
+    low, high = saved.confidence_interval(0.95)
+    assert (f"Time saved: {0.8:+.3f} s ({100 * 0.8 / 138.1:+.2f}% of the baseline's 138.100 s), 95% interval "
+            f"[{low:+.3f}, {high:+.3f}] s, p = {saved.pvalue:.3g} (paired by seed over 4 seeds" in readme)
+    assert "![validation loss](curves.png)" in readme and png_size(folder / "curves.png") == (1200, 550)
+    with pytest.raises(compare.RecordError, match="already exists; choose another --name or --out"):
+        compare.submission(compare.load_set([str(this)], False), compare.load_set([str(base)], False),
+                           "CautiousWD", tmp_path / "out", today=date(2026, 3, 1))
+
+
+def test_a_side_that_misses_the_target_gets_its_folder_saying_so_first(tmp_path):
+    this = write_side(tmp_path / "b", [3.2790, 3.2815, 3.2802], [137.0, 137.2, 137.1], muon_lr=0.04)
+    base = write_side(tmp_path / "a", [3.2775, 3.2780, 3.2772], [138.0, 138.4, 137.9])
+    code, out, err = cli("submission", this, "--baseline", base, "--name", "Slower", "--out", tmp_path / "out")
+    assert code == 0, err
+    (folder,) = (tmp_path / "out/records/track_1_short").iterdir()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_Slower", folder.name) and out.startswith(f"wrote {folder}: ")
+    p = stats.ttest_1samp([3.2790, 3.2815, 3.2802], 3.28, alternative="less").pvalue
+    miss = f"p = {p:.4g}, not below 0.01 (one-sided t-test of mean val loss < 3.28).**"
+    assert (folder / "README.md").read_text().startswith(f"# Slower\n\n**this_pr does not reach the target: {miss}\n\n"
+                                                         "## What changed")
+    assert (folder / "this_pr/statistics.md").read_text().startswith(
+        f"# this_pr: b\n\n**These runs do not reach the target: {miss}\n\n- GPUs:")
+    assert "do not reach" not in (folder / "baseline/statistics.md").read_text()
+    code, _, err = cli("submission", this, "--baseline", base, "--name", "no/slashes", "--out", tmp_path / "out")
+    assert code == 1 and err == "error: --name 'no/slashes': use letters, digits, '.', '_' and '-', as in CautiousWD\n"
