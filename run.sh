@@ -71,9 +71,10 @@ if [ ${#ab[@]} -gt 0 ] && [ ${#sweeps[@]} -gt 0 ]; then
     exit 2
 fi
 comparing=$(( ${#ab[@]} + ${#sweeps[@]} ))
+kind=$([ ${#ab[@]} -gt 0 ] && echo ab || echo sweep)
 if [ "$comparing" -gt 0 ] && [ "$runs" -lt 2 ]; then
-    echo "error: --$([ ${#ab[@]} -gt 0 ] && echo ab || echo sweep) needs --runs=N, N runs of each arm with N at least 2 (the paired" \
-         "test needs 2 pairs, more make it surer): add --runs=4" >&2
+    echo "error: --$kind needs --runs=N, N runs of each arm with N at least 2 (the paired test needs 2 pairs, more" \
+         "make it surer): add --runs=4" >&2
     exit 2
 fi
 if [ -n "$gpus_per_run" ]; then
@@ -148,8 +149,9 @@ comparison() {
         [ ${#free[@]} -gt 0 ] || wait_for_a_run
         slot=${free[0]} free=("${free[@]:1}")
         out="${folder%/*}/${fields[0]}.seed$seed.out"  # beside the arms' folders, where compare.py looks for no record
-        echo "run $i of $total: ${fields[0]}, seed $seed, on ${devices[slot]:+GPUs ${devices[slot]}}${devices[slot]:-the CPU}" \
-             "(its output: $out)$(to_go "${#done_runs[@]}" $((total - i + 1)))"
+        echo "run $i of $total: ${fields[0]}, seed $seed," \
+             "on ${devices[slot]:+GPUs ${devices[slot]}}${devices[slot]:-the CPU} (its output: $out)$(to_go \
+             "${#done_runs[@]}" $((total - i + 1)))"
         mkdir -p "$folder"
         set -m  # the run in a process group of its own, which a stop reaches whole (torchrun's workers too)
         (
@@ -161,7 +163,8 @@ comparison() {
     done
     while [ ${#running[@]} -gt 0 ]; do wait_for_a_run; done
     if [ ${#failed[@]} -gt 0 ]; then
-        echo "${#failed[@]} of the runs did not finish (runs ${failed[*]} of $total); the same command again runs them" >&2
+        echo "${#failed[@]} of the runs did not finish (runs ${failed[*]} of $total); the same command again runs" \
+             "them" >&2
         exit 1
     fi
     python records/compare.py sweep "${folder%/*}"
@@ -218,7 +221,7 @@ if ! nvidia-smi -L >/dev/null 2>&1; then
     synthetic="${DATA_PATH:-.}/data/synthetic"
     synthetic="${synthetic#./}"  # without DATA_PATH, the preset's own paths
     python data/synthetic.py --vocab_size 1024 --out "$synthetic"
-    devices=()  # one slot a run at once: --gpus_per_run=K runs K side by side, each in one process
+    devices=()  # a slot for each run at once, with no GPU to give it: --gpus_per_run=K runs K side by side
     for ((i = 0; i < ${gpus_per_run:-1}; i++)); do devices+=(""); done
     each_seed python train_gpt.py --preset=tiny --train_files="$synthetic/train_*.bin" --val_files="$synthetic/val_*.bin"
     exit

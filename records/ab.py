@@ -2,7 +2,7 @@
 `./run.sh --sweep="--FLAG=V1,V2,..." --runs=N`: its arms, and which of its runs are still to do.
 
     python records/ab.py plan --runs=N --ab="FLAGS" -- python train_gpt.py --preset=tiny ARGS...
-    python records/ab.py plan --runs=N --sweep="--weight_decay=0.6,1.2" [--sweep=...] -- python train_gpt.py ...
+    python records/ab.py plan --runs=N --sweep="--weight_decay=0.6,1.8" [--sweep=...] -- python train_gpt.py ...
 
 The baseline is the trainer command as given; each arm is the same plus its flags: --ab's FLAGS (one arm, the
 candidate), or one value of each --sweep (several --sweep make the grid of their values). They run in turn, seed by
@@ -29,7 +29,8 @@ SAVED_FORMAT = "train_gpt-ab/2"
 BASELINE = "baseline"
 CANDIDATE = "candidate"  # the one arm of --ab
 SET_BY_THE_COMPARISON = ("seed", "log_dir")
-EXAMPLES = {"ab": '--ab="--muon_lr=0.035 --num_scheduled_iterations=2150"', "sweep": '--sweep="--weight_decay=0.6,1.2,1.8"'}
+EXAMPLES = {"ab": '--ab="--muon_lr=0.035 --num_scheduled_iterations=2150"',
+            "sweep": '--sweep="--weight_decay=0.6,0.9,1.5,1.8"'}
 
 
 class ABError(Exception):
@@ -145,6 +146,9 @@ def check_saved(log_dir: Path, comparison: Comparison, command: list[str], finis
                           "of which comparison; give another --log_dir")
         try:
             saved = json.loads(saved_path.read_text())
+            if saved.get("format") == "train_gpt-ab/1":  # an --ab begun before sweeps: its one arm's flags
+                saved = {**saved, "kind": "ab", "given": [" ".join(saved["flags"])],
+                         "arms": {CANDIDATE: saved["flags"]}, "packed": False}
             theirs = Comparison(saved["kind"], list(saved["given"]), dict(saved["arms"]))
             saved_command, packed = list(saved["command"]), packed or bool(saved["packed"])
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -171,7 +175,8 @@ def plan(runs: int, comparison: Comparison, command: list[str], packed: bool = F
     flags = {BASELINE: [], **comparison.arms}
     done = {role: finished_seeds(log_dir / role) for role in flags}
     check_saved(log_dir, comparison, command, any(done.values()), packed)
-    return [(role, seed, log_dir / role, done[role].get(seed, ""), flags[role]) for seed in range(runs) for role in flags]
+    return [(role, seed, log_dir / role, done[role].get(seed, ""), flags[role])
+            for seed in range(runs) for role in flags]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1448,7 +1448,8 @@ def statistics_md(label: str, runs: list[Run], target: float) -> str:
     out += [f"- runs: {len(runs)}", "", "| figure | value |", "| --- | --- |",
             f"| mean val loss | {fmt(loss_mean, '.4f')} |", f"| val loss std (n - 1) | {fmt(loss_std, '.4f')} |",
             f"| p, one-sided t-test of mean < {target} | {fmt(p, '.4g')} |",
-            f"| mean train time | {fmt(time_mean, '.3f')} s |", f"| train time std (n - 1) | {fmt(time_std, '.3f')} s |",
+            f"| mean train time | {fmt(time_mean, '.3f')} s |",
+            f"| train time std (n - 1) | {fmt(time_std, '.3f')} s |",
             f"| median train time | {float(np.median(times)):.3f} s |",
             f"| train time range | {min(times):.3f} s - {max(times):.3f} s |", "",
             "```python", "import scipy.stats", f"losses = {losses!r}", f"times = {times!r}",
@@ -1595,7 +1596,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  python records/compare.py diff logs/ --baseline record43\n"
                "  python records/compare.py plot logs/ --baseline record43 -o curves.png\n"
                "  python records/compare.py record logs/baseline --name mybox\n"
-               "  python records/compare.py sweep logs/sweep/weight_decay=0.6,1.2,1.8\n"
+               "  python records/compare.py sweep logs/sweep/weight_decay=0.6,0.9,1.5,1.8\n"
                "  python records/compare.py submission logs/b --baseline logs/a --name CautiousWD")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

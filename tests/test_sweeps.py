@@ -62,6 +62,20 @@ def test_a_sweep_plans_every_value_and_a_second_sweep_the_grid_seed_by_seed(tmp_
         ab.plan(2, ab.sweep_comparison(["--muon_lr=0.03,0.05"]), TRAINER + [f"--log_dir={folder}"])
 
 
+def test_an_ab_comparison_begun_before_sweeps_goes_on(tmp_path):
+    command = TRAINER + [f"--log_dir={tmp_path}"]
+    (tmp_path / "ab.args").write_text(json.dumps({"format": "train_gpt-ab/1", "flags": ["--muon_lr=0.035"],
+                                                  "command": command}))
+    run = record_json("a", {0: 6.9, 2: 6.8}, 2, 2, "finished", setup={"seed": 0})
+    (tmp_path / "baseline").mkdir()
+    (tmp_path / "baseline" / "a.json").write_text(json.dumps(run))
+    with pytest.raises(ab.ABError, match='other flags: --ab="--muon_lr=0.035" on'):
+        ab.plan(2, ab.ab_comparison("--muon_lr=0.04"), command)
+    lines = ab.plan(2, ab.ab_comparison("--muon_lr=0.035"), command)
+    assert [record for _, _, _, record, _ in lines] == [str(tmp_path / "baseline" / "a.json"), "", "", ""]
+    assert json.loads((tmp_path / "ab.args").read_text())["arms"] == {"candidate": ["--muon_lr=0.035"]}
+
+
 @pytest.mark.parametrize("sweeps, message", [
     (["--muon_lr"], "--sweep=--muon_lr: give one flag and its values separated by commas"),
     (["--muon_lr=0.03 --adam_lr=0.1"], "give one flag and its values separated by commas"),
@@ -357,10 +371,12 @@ def test_submission_writes_the_record_folder_whose_figures_scipy_recomputes(tmp_
         assert figures["median train time"] == f"{sorted(times)[1] / 2 + sorted(times)[2] / 2:.3f} s"
         assert figures["train time range"] == f"{min(times):.3f} s - {max(times):.3f} s"
         assert snippet_p(text, tmp_path) == pytest.approx(p, rel=1e-12)
-        assert "- GPUs: 8x NVIDIA H100 80GB HBM3\n- torch: 2.13.0\n- Triton: 3.9.0\n- CUDA: unknown\n- runs: 4\n" in text
+        assert ("- GPUs: 8x NVIDIA H100 80GB HBM3\n- torch: 2.13.0\n- Triton: 3.9.0\n- CUDA: unknown\n- runs: 4\n"
+                in text)
         assert "do not reach the target" not in text
     readme = (folder / "README.md").read_text()
-    assert readme.startswith("# CautiousWD\n\n## What changed\n\nFlags: `--muon_lr=0.04` (the baseline: `--muon_lr=0.03`).")
+    assert readme.startswith("# CautiousWD\n\n## What changed\n\n"
+                             "Flags: `--muon_lr=0.04` (the baseline: `--muon_lr=0.03`).")
     assert "```diff\n--- baseline/train_gpt.py\n+++ this_pr/train_gpt.py\n" in readme
     assert "\n-import torch\n+import torch  # faster\n" in readme
     saved = stats.ttest_rel([138.0, 138.4, 137.9, 138.1], [137.2, 137.5, 137.1, 137.4])
