@@ -12,6 +12,7 @@ from datetime import date
 from pathlib import Path
 
 import pytest
+import torch
 from scipy import stats
 
 from test_records import cli, cli_json, png_size, record_json, write_run
@@ -353,6 +354,9 @@ def test_submission_writes_the_record_folder_whose_figures_scipy_recomputes(tmp_
     base = write_side(tmp_path / "a", [3.2782, 3.2788, 3.2779, 3.2786], [138.0, 138.4, 137.9, 138.1])
     log = (this / "run0.txt").read_text()
     (this / "run0.txt").write_text(log.replace("import torch\n", "import torch  # faster\n", 1))
+    for path in base.glob("*.txt"):  # nvidia-smi's report in the log's header
+        smi = "| NVIDIA-SMI 570.86.15   Driver Version: 570.86.15   CUDA Version: 12.8 |\n"
+        path.write_text(path.read_text().replace("PyTorch 2.13.0\n", "PyTorch 2.13.0\n" + smi, 1))
     folder = compare.submission(compare.load_set([str(this)], False), compare.load_set([str(base)], False),
                                 "CautiousWD", tmp_path / "out", today=date(2026, 3, 1))
     assert folder == tmp_path / "out/records/track_1_short/2026-03-01_CautiousWD"
@@ -371,7 +375,8 @@ def test_submission_writes_the_record_folder_whose_figures_scipy_recomputes(tmp_
         assert figures["median train time"] == f"{sorted(times)[1] / 2 + sorted(times)[2] / 2:.3f} s"
         assert figures["train time range"] == f"{min(times):.3f} s - {max(times):.3f} s"
         assert snippet_p(text, tmp_path) == pytest.approx(p, rel=1e-12)
-        assert ("- GPUs: 8x NVIDIA H100 80GB HBM3\n- torch: 2.13.0\n- Triton: 3.9.0\n- CUDA: unknown\n- runs: 4\n"
+        cuda = "12.8" if side == "baseline" else "unknown"
+        assert (f"- GPUs: 8x NVIDIA H100 80GB HBM3\n- torch: 2.13.0\n- Triton: 3.9.0\n- CUDA: {cuda}\n- runs: 4\n"
                 in text)
         assert "do not reach the target" not in text
     readme = (folder / "README.md").read_text()
@@ -387,6 +392,34 @@ def test_submission_writes_the_record_folder_whose_figures_scipy_recomputes(tmp_
     with pytest.raises(compare.RecordError, match="already exists; choose another --name or --out"):
         compare.submission(compare.load_set([str(this)], False), compare.load_set([str(base)], False),
                            "CautiousWD", tmp_path / "out", today=date(2026, 3, 1))
+
+
+def test_submission_of_the_sweeps_runs_takes_their_losses_software_and_weight_figures(sweep_run, tmp_path):
+    logs = sweep_run["logs"]
+    code, _, err = cli("submission", logs / "adam_lr=0.05", "--baseline", logs / "baseline", "--name", "AdamLR",
+                       "--out", tmp_path)
+    assert code == 0, err
+    (folder,) = (tmp_path / "records/track_1_short").iterdir()
+    found = finals(logs)
+    for side, arm in (("this_pr", "adam_lr=0.05"), ("baseline", "baseline")):
+        losses = [found[(arm, seed)] for seed in (0, 1)]
+        text = (folder / side / "statistics.md").read_text()
+        figures = statistics_table(text)
+        p = stats.ttest_1samp(losses, 4.8, alternative="less").pvalue  # the tiny preset's target
+        assert figures["mean val loss"] == f"{sum(losses) / 2:.4f}"
+        assert figures["val loss std (n - 1)"] == f"{stats.tstd(losses):.4f}"
+        assert figures["p, one-sided t-test of mean < 4.8"] == f"{p:.4g}"
+        assert snippet_p(text, tmp_path) == pytest.approx(p, rel=1e-12)
+        assert f"- torch: {torch.__version__}\n" in text and "- GPUs: 1x cpu\n- " in text and "- runs: 2\n" in text
+        # two steps are far from the target: said first
+        assert text.startswith(f"# {side}: {arm}\n\n**These runs do not reach the target: p = {p:.4g}")
+        logs_there = sorted(path.name for path in (folder / side).glob("*.txt"))
+        assert logs_there == sorted(path.with_suffix(".txt").name for path in (logs / arm).glob("*.json")
+                                    if json.loads(path.read_text())["status"] == "finished")
+    readme = (folder / "README.md").read_text()
+    assert "Flags: `--adam_lr=0.05` (the baseline: `--adam_lr=0.03`).\ntrain_gpt.py is the same on both sides." in readme
+    for group in ("attn", "mlp"):  # the records hold the weight figures
+        assert f"(mean_square_{group}.png)" in readme and png_size(folder / f"mean_square_{group}.png") == (1200, 550)
 
 
 def test_a_side_that_misses_the_target_gets_its_folder_saying_so_first(tmp_path):
