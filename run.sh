@@ -116,7 +116,7 @@ each_seed() {
 # verdict of every arm against the baseline. One run at a time, or with --gpus_per_run one on each slot's GPUs (the
 # slots: `devices`), the next starting when one ends; a run that fails there is reported and the others go on.
 comparison() {
-    local plan lines line fields seed folder out i=0 made=0 slot
+    local plan lines line fields seed folder out where i=0 made=0 slot
     local options=(--runs="$runs")
     [ ${#ab[@]} -gt 0 ] && options+=(--ab="${ab[0]}")
     for line in "${sweeps[@]}"; do options+=(--sweep="$line"); done
@@ -149,8 +149,8 @@ comparison() {
         [ ${#free[@]} -gt 0 ] || wait_for_a_run
         slot=${free[0]} free=("${free[@]:1}")
         out="${folder%/*}/${fields[0]}.seed$seed.out"  # beside the arms' folders, where compare.py looks for no record
-        echo "run $i of $total: ${fields[0]}, seed $seed," \
-             "on ${devices[slot]:+GPUs ${devices[slot]}}${devices[slot]:-the CPU} (its output: $out)$(to_go \
+        where=${devices[slot]:+GPUs ${devices[slot]}}
+        echo "run $i of $total: ${fields[0]}, seed $seed, on ${where:-the CPU} (its output: $out)$(to_go \
              "${#done_runs[@]}" $((total - i + 1)))"
         mkdir -p "$folder"
         set -m  # the run in a process group of its own, which a stop reaches whole (torchrun's workers too)

@@ -16,7 +16,7 @@ import torch
 from scipy import stats
 
 from test_records import cli, cli_json, png_size, record_json, write_run
-from test_train import ROOT, fake_nvidia_smi
+from test_train import ROOT, fake_nvidia_smi, fineweb_named_shards, shards  # noqa: F401 (shards: a fixture)
 
 import ab  # noqa: E402 (records/ is on the path through test_records)
 import compare  # noqa: E402
@@ -290,19 +290,30 @@ def test_run_sh_packs_the_runs_two_at_a_time_with_the_same_losses(sweep_run):
     assert "finished: val_loss" in (packed / "adam_lr=0.05.seed1.out").read_text()
 
 
-def test_a_packed_run_that_fails_is_reported_and_the_others_go_on(tmp_path):
-    command = [str(ROOT / "run.sh"), "--ab=--train_files=nowhere/train_*.bin", "--runs=2", "--gpus_per_run=2",
-               *TINY_RUN, f"--log_dir={tmp_path / 'logs'}"]
-    result = subprocess.run(command, cwd=tmp_path, env={**fake_nvidia_smi(tmp_path, 0), "OMP_NUM_THREADS": "1"},
+def test_with_gpus_each_packed_run_gets_its_own_gpus_and_torchrun_and_a_failing_one_stops_no_other(shards,  # noqa: F811
+                                                                                                    tmp_path):
+    """run.sh's GPU branch with two (stand-in) GPUs and --gpus_per_run=1: torchruns side by side, each --standalone on
+    a rendezvous port of its own, one process each, on GPU 0 or GPU 1 (the tiny preset, run on the CPU). The
+    candidate's runs fail at start-up (no such shards): each is reported, the baseline's go on, none is judged."""
+    fineweb_named_shards(shards, tmp_path)
+    logs = tmp_path / "logs"
+    result = subprocess.run([str(ROOT / "run.sh"), "--ab=--train_files=nowhere/train_*.bin", "--runs=2",
+                             "--gpus_per_run=1", "--preset=tiny", "--device=cpu", *TINY_RUN, f"--log_dir={logs}"],
+                            cwd=tmp_path, env={**fake_nvidia_smi(tmp_path, 2), "OMP_NUM_THREADS": "1"},
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 1
+    started = [line.split(" (its output")[0] for line in result.stdout.splitlines() if " (its output: " in line]
+    assert started[:2] == ["run 1 of 4: baseline, seed 0, on GPUs 0", "run 2 of 4: candidate, seed 0, on GPUs 1"]
+    assert len(started) == 4 and {line[-1] for line in started[2:]} == {"0", "1"}
     failed = [line for line in result.stderr.splitlines() if line.startswith("run ")]
     assert sorted(line.split(" (exit status")[0] for line in failed) == ["run 2 of 4 did not finish",
                                                                          "run 4 of 4 did not finish"]
     assert all(line.endswith("); the others go on") for line in failed)
     assert result.stderr.splitlines()[-1] == ("2 of the runs did not finish (runs 2 4 of 4); the same command again "
                                               "runs them")
-    assert sorted(r for r, _ in finals(tmp_path / "logs")) == ["baseline", "baseline"]
+    records = [json.loads(p.read_text()) for p in logs.glob("*/*.json")]
+    assert sorted((r["config"]["seed"], r["env"]["world_size"], r["status"]) for r in records) == [
+        (0, 1, "finished"), (1, 1, "finished")]
     assert "verdict" not in result.stdout
 
 
