@@ -18,7 +18,9 @@ import shutil
 import sys
 import tempfile
 import dataclasses
+import datetime
 import difflib
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +43,8 @@ RECORD_SUFFIXES = (".json", ".txt")
 RECORD_FORMAT = "train_gpt-record/1"    # the .json train_gpt.py writes beside its log
 FIGURES_FORMAT = "speedrun-figures/1"   # published figures of a record, see records/README.md
 SEPARATOR = "=" * 100                   # ends the trainer's source code at the top of a log
+COMPARISON_FILE = "ab.args"             # what records/ab.py keeps of a comparison in its folder; JSON, but not .json,
+                                        # so that it is taken for no record
 
 # Only whole lines that match these count: the source code above the separator holds the same
 # format strings inside f-strings.
@@ -673,17 +677,37 @@ def arm_verdict(arm: RunSet, baseline: RunSet, label: str, target: float) -> dic
         w = welch(mine, theirs)
         test = {"test": "Welch", "test_n": len(mine) + len(theirs), "diff": mean_std(mine)[0] - mean_std(theirs)[0],
                 "ci95": w["ci95"], "p": w["p"]}
-    p = test["p"]
-    better = None if math.isnan(p) else "neither" if p >= SURE_P else "candidate" if test["diff"] < 0 else "baseline"
     track = pairwise(arm.finished, baseline.finished)
-    return {**side(arm, label, target), **test, "better": better, "step_diff": -track["step_diff"],
-            "track_better": track["better"]}
+    return {**side(arm, label, target), **test, "better": better_side(test["diff"], test["p"]),
+            "step_diff": -track["step_diff"], "track_figure": track["figure"], "track_better": track["better"],
+            "time": pairs["train_time_s"] if pairs else None}
+
+
+def better_side(diff: float, p: float) -> str | None:
+    """The side a final-loss difference (candidate minus baseline) with its p-value calls better; None: undecided."""
+    return None if math.isnan(p) else "neither" if p >= SURE_P else "candidate" if diff < 0 else "baseline"
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of several tests' p-values: the i-th smallest of m is multiplied by m - i + 1 (i
+    from 1) and kept at least as large as those before it, so that calling every adjusted p below 0.05 significant
+    has a chance below 0.05 of calling any true null so. Undefined p-values stay nan and do not count in m."""
+    order = sorted((i for i, p in enumerate(p_values) if not math.isnan(p)), key=lambda i: p_values[i])
+    adjusted, largest = [math.nan] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        largest = max(largest, min(1.0, (len(order) - rank) * p_values[i]))
+        adjusted[i] = largest
+    return adjusted
 
 
 def verdict(baseline: RunSet, arms: list[RunSet], target: float, whose: str, labels: list[str]) -> dict:
-    """The baseline and one or more candidate arms at one target: labels[0] names the baseline, the rest the arms."""
-    return {"target": target, "target_from": whose, "baseline": side(baseline, labels[0], target),
-            "arms": [arm_verdict(arm, baseline, label, target) for arm, label in zip(arms, labels[1:])]}
+    """The baseline and one or more candidate arms at one target: labels[0] names the baseline, the rest the arms.
+    Several arms are several tests: each is then judged by its Holm-adjusted p-value."""
+    judged = [arm_verdict(arm, baseline, label, target) for arm, label in zip(arms, labels[1:])]
+    if len(judged) > 1:
+        for arm, adjusted in zip(judged, holm([arm["p"] for arm in judged])):
+            arm.update(p_holm=adjusted, better=better_side(arm["diff"], adjusted))
+    return {"target": target, "target_from": whose, "baseline": side(baseline, labels[0], target), "arms": judged}
 
 
 def diff(runs: RunSet, baseline: RunSet, target: float | None = None, rate: float = LOSS_PER_100_STEPS) -> dict:
@@ -731,6 +755,64 @@ def diff(runs: RunSet, baseline: RunSet, target: float | None = None, rate: floa
         "track": pairwise(runs.finished, baseline.finished, rate),
         "train_time": times,
         "analysis": analysis_diff(runs, baseline),
+    }
+
+
+def comparison_sets(folder: Path, allow_incomplete: bool) -> tuple[RunSet, list[RunSet], bool]:
+    """The baseline and the arms of a ./run.sh --ab or --sweep folder (FOLDER/baseline and every other subfolder
+    with records), and whether its runs shared the node (--gpus_per_run, as its COMPARISON_FILE tells)."""
+    if not (folder / "baseline").is_dir():
+        raise RecordError(f"{folder}: no baseline/ in it; pass the folder of a ./run.sh --sweep or --ab comparison "
+                          "(its --log_dir, or logs/sweep/FLAGS)")
+    arm_folders = sorted(p for p in folder.iterdir() if p.is_dir() and p.name != "baseline"
+                         and any(q.suffix in RECORD_SUFFIXES for q in p.iterdir()))
+    if not arm_folders:
+        raise RecordError(f"{folder}: only a baseline/, no arm's records beside it yet; run the comparison first")
+    saved = folder / COMPARISON_FILE
+    try:
+        packed = bool(json.loads(saved.read_text()).get("packed")) if saved.is_file() else False
+    except (OSError, ValueError, AttributeError) as e:
+        raise RecordError(f"{saved}: damaged ({e}); it is rewritten when ./run.sh goes on with the comparison")
+    baseline = load_set([str(folder / "baseline")], allow_incomplete)
+    return baseline, [load_set([str(p)], allow_incomplete) for p in arm_folders], packed
+
+
+def knob(arm: RunSet, baseline: RunSet) -> dict:
+    """The settings an arm differs from the baseline in, with the arm's values."""
+    theirs = shared_settings(baseline)
+    return {key: value for key, value in shared_settings(arm).items() if theirs.get(key, value) != value}
+
+
+def interval95(values: list[float]) -> float:
+    """Half the width of the 95% t-interval of the mean of the values; nan below 2."""
+    if len(values) < 2:
+        return math.nan
+    return float(stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values)))
+
+
+def sweep(baseline: RunSet, arms: list[RunSet], target: float | None = None) -> dict:
+    """Every arm of a sweep against the baseline (verdict, Holm-adjusted), the paired training-time differences and
+    the track's figure of each, and the best side with whether it beats the runner-up."""
+    target, whose = choose_target(arms + [baseline], target)
+    labels = [side_label("baseline", baseline, arms[0])] + [arm.name for arm in arms]
+    v = verdict(baseline, arms, target, whose, labels)
+    sides = [(labels[0], baseline)] + list(zip(labels[1:], arms))
+    means = [mean_std([r.final.val_loss for r in s.finished])[0] for _, s in sides]
+    ranked = sorted(range(len(sides)), key=lambda i: means[i])
+    (best, best_set), (second, second_set) = sides[ranked[0]], sides[ranked[1]]
+    # the best against the runner-up: the same test as an arm against the baseline
+    against = arm_verdict(best_set, second_set, best, target)
+    time_p = [arm["time"]["p"] if arm["time"] else math.nan for arm in v["arms"]]
+    return {
+        "verdict": v,
+        "time_p_holm": holm(time_p),
+        "warnings": setup_warnings(arms + [baseline]) + [w for s in arms + [baseline] for w in settings_warnings(s)],
+        "knobs": [knob(arm, baseline) for arm in arms],
+        "baseline_knob": {key: shared_settings(baseline).get(key) for arm in arms for key in knob(arm, baseline)},
+        "final_losses": {label: [r.final.val_loss for r in s.finished] for label, s in sides},
+        "best": {"label": best, "final_val_loss": means[ranked[0]], "runner_up": second,
+                 "runner_up_val_loss": means[ranked[1]], "test": against["test"], "test_n": against["test_n"],
+                 "diff": against["diff"], "p": against["p"], "sure": against["better"] == "candidate"},
     }
 
 
@@ -901,28 +983,36 @@ def call(arm: dict) -> str:
 
 def render_verdict(v: dict) -> list[str]:
     """The verdict in a few lines: a headline, then the baseline and each arm with its difference, interval and
-    p-value, its training time and where its mean curve first reaches the target."""
+    p-value (and, for several arms, the Holm-adjusted one the headline goes by), its training time and where its mean
+    curve first reaches the target."""
     arms = v["arms"]
-    if len(arms) == 1:
-        headline = call(arms[0])
-    else:
+    several = len(arms) > 1
+    if several:
         better = [arm["label"] for arm in arms if arm["better"] == "candidate"]
-        headline = (f"{len(better)} of {len(arms)} candidates better than the baseline (p < {SURE_P})"
+        headline = (f"{len(better)} of {len(arms)} candidates better than the baseline (Holm-adjusted p < {SURE_P})"
                     + (f": {', '.join(better)}" if better else ""))
+    else:
+        headline = call(arms[0])
     def first(part):
         step = part["first_step_at_target"]
         return "no curve" if not part["has_curve"] else "not reached" if step is None else f"step {step:.1f}"
     base = v["baseline"]
-    rows = [[base["label"], str(base["n"]), loss_and_std(base), "", "", "", fmt(base["train_time_s"], ".1f"),
-             first(base)]]
+    rows = [[base["label"], str(base["n"]), loss_and_std(base), "", "", ""] + [""] * several +
+            [fmt(base["train_time_s"], ".1f"), first(base)]]
     for arm in arms:
         low, high = arm["ci95"]
         interval = "" if math.isnan(low) else f"[{low:+.4f}, {high:+.4f}]"
         rows.append([arm["label"], str(arm["n"]), loss_and_std(arm), fmt(arm["diff"], "+.4f"), interval,
-                     fmt(arm["p"], ".2g"), fmt(arm["train_time_s"], ".1f"), first(arm)])
-    header = ["", "runs", "final loss", "diff", "95% CI", "p", "time (s)", f"first at {v['target']}"]
-    return ([f"verdict at target {v['target']} ({v['target_from']}): {headline}"] +
-            ["  " + line for line in table(header, rows).splitlines()])
+                     fmt(arm["p"], ".2g")] + ([fmt(arm["p_holm"], ".2g")] if several else []) +
+                    [fmt(arm["train_time_s"], ".1f"), first(arm)])
+    header = ["", "runs", "final loss", "diff", "95% CI", "p"] + ["p (Holm)"] * several + ["time (s)",
+                                                                                          f"first at {v['target']}"]
+    out = ([f"verdict at target {v['target']} ({v['target_from']}): {headline}"] +
+           ["  " + line for line in table(header, rows).splitlines()])
+    if several:
+        out.append(f"  {len(arms)} arms against one baseline are {len(arms)} tests, and one of them may pass by luck: "
+                   "p (Holm) is each p adjusted for that (Holm's method), and the verdict goes by it")
+    return out
 
 
 def loss_and_std(part: dict) -> str:
@@ -974,6 +1064,45 @@ def render_diff(d: dict, all_rows: bool = False) -> str:
                      rows))
     out += render_analysis_diff(d["analysis"], all_rows)
     return "\n".join(out)
+
+
+def render_sweep(w: dict) -> str:
+    """The verdict of every arm, the best side and whether it beats the runner-up, then the training times and the
+    track's figure of each arm against the baseline."""
+    b = w["best"]
+    out = render_verdict(w["verdict"]) + [""]
+    out.append(f"best: {b['label']}, mean final loss {b['final_val_loss']:.4f}; the runner-up: {b['runner_up']}, "
+               f"{b['runner_up_val_loss']:.4f}")
+    over = plural(b["test_n"], "seed" if b["test"] == "paired" else "run")
+    test = f"diff {fmt(b['diff'], '+.4f')}, p = {fmt(b['p'], '.2g')}, {b['test']} t-test over {over}"
+    out.append(f"  it beats the runner-up: {test}" if b["sure"] else
+               f"warning: the best does not beat the runner-up significantly ({test}): more runs decide, or either "
+               "will do")
+    out += w["warnings"] + ["", "training time and the track's figure, each arm against the baseline"]
+    rows = []
+    for arm, time_holm in zip(w["verdict"]["arms"], w["time_p_holm"]):
+        t = arm["time"]
+        if t is None:
+            time_cells = ["n/a (no seed in both)", "", "", ""]
+        else:
+            low, high = t["ci95"]
+            time_cells = [fmt(t["mean"], "+.3f"), "" if math.isnan(low) else f"[{low:+.3f}, {high:+.3f}]",
+                          fmt(t["p"], ".2g"), fmt(time_holm, ".2g")]
+        figure = arm["track_figure"]
+        track = "n/a" if math.isnan(figure) else f"{figure:+.5f} ({'better' if arm['track_better'] else 'not better'})"
+        rows.append([arm["label"]] + time_cells + [track])
+    out.append(table(["", "time diff (s)", "95% CI", "p", "p (Holm)", f"track figure (>= {TRACK_MARGIN}: better)"],
+                     rows))
+    out.append(f"(time diff: arm - baseline by seed, paired t-test; track figure: the optimization track's rule for "
+               f"the arm beating the baseline, loss and steps)")
+    return "\n".join(out)
+
+
+def packed_note(packed: bool) -> list[str]:
+    if not packed:
+        return []
+    return ["note: these runs shared the node, several at once (./run.sh --gpus_per_run): their losses are "
+            "unaffected, their training times are disturbed and do not compare with a record's"]
 
 
 def evenly(rows: list, most: int) -> list:
@@ -1161,6 +1290,48 @@ def plot(sets: list[RunSet], out: Path, metric: str = VAL_LOSS, target: float = 
     write_atomically(out, lambda f: fig.savefig(f, format=out.suffix[1:]))
 
 
+def sweep_figure(w: dict):
+    """Each side's final loss, mean and 95% interval over its runs, against the value of the swept flag where one
+    numeric flag tells the arms apart, else side by side by name; the baseline in black."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    labels = list(w["final_losses"])
+    knobs = [w["baseline_knob"]] + w["knobs"]
+    keys = {key for k in knobs for key in k}
+    numeric = len(keys) == 1 and all(isinstance(k.get(key), (int, float)) and not isinstance(k.get(key), bool)
+                                     for k in knobs for key in keys)
+    xs = [k[key] for k in knobs for key in keys] if numeric else list(range(len(labels)))
+    means = [float(np.mean(losses)) for losses in w["final_losses"].values()]
+    for i, (x, mean, losses) in enumerate(zip(xs, means, w["final_losses"].values())):
+        half = interval95(losses)
+        ax.errorbar([x], [mean], yerr=None if math.isnan(half) else [half], fmt="o", capsize=5,
+                    color="black" if i == 0 else "C0", label="baseline" if i == 0 else None)
+    if numeric:
+        order = sorted(range(len(xs)), key=lambda i: xs[i])
+        ax.plot([xs[i] for i in order], [means[i] for i in order], color="C0", alpha=0.4)
+        ax.set_xlabel(f"--{keys.pop()}")
+    else:
+        ax.set_xticks(xs, labels, rotation=20, ha="right")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    ax.set_ylabel("final validation loss")
+    ax.set_title("final validation loss: mean and 95% interval over the seeds")
+    return fig
+
+
+def plot_sweep(baseline: RunSet, arms: list[RunSet], w: dict, folder: Path) -> list[Path]:
+    """FOLDER/final_loss.png (sweep_figure) and FOLDER/curves.png (the validation curves of every side)."""
+    target = w["verdict"]["target"]
+    sets = arms + [dataclasses.replace(baseline, name=w["verdict"]["baseline"]["label"])]
+    written = []
+    for name, fig in (("final_loss.png", sweep_figure(w)), ("curves.png", figure(sets, VAL_LOSS, target))):
+        write_atomically(folder / name, lambda f: fig.savefig(f, format="png"))
+        written.append(folder / name)
+    return written
+
+
 # -----------------------------------------------------------------------------
 # A baseline of your own: records/NAME from finished runs
 
@@ -1196,19 +1367,190 @@ def write_record(runset: RunSet, name: str) -> Path:
     return folder
 
 
-def write_folder_atomically(folder: Path, files: dict[str, str]) -> None:
-    """Write the files into a hidden temporary folder beside `folder`, then rename it: no half-written record."""
+def write_folder_atomically(folder: Path, files: dict[str, str | bytes]) -> None:
+    """Write the files (text or bytes, at paths relative to `folder`) into a hidden temporary folder beside `folder`,
+    then rename it: no half-written record."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
-        for name, text in files.items():
-            (tmp / name).write_text(text)
         umask = os.umask(0)
         os.umask(umask)
+        for name, content in files.items():
+            path = tmp / name
+            if path.parent != tmp:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content.encode() if isinstance(content, str) else content)
         tmp.chmod(0o777 & ~umask)  # the temporary folder was private; give it a normal folder's mode
         os.rename(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# -----------------------------------------------------------------------------
+# A record's folder for the speedrun's repository: records/track_1_short/DATE_NAME with baseline/ and this_pr/
+
+SUBMISSION_TRACK = Path("records/track_1_short")  # where the speedrun's repository keeps its main track's records
+SUBMISSION_P = 0.01                       # the main track's rule: mean below the target at p < 0.01
+CUDA_LINE = re.compile(r"CUDA Version: ([\d.]+)")
+VERSIONS_LINE = re.compile(r"Python (\S+), PyTorch (\S+), Triton (.+)")
+
+
+def log_of(run: Run) -> Path | None:
+    """The .txt log of a run: its source, or the log_file its .json record names; None where it is not there."""
+    if run.source.suffix == ".txt":
+        return run.source
+    try:
+        path = run.source.with_name(json.loads(read_text(run.source))["log_file"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return path if path.is_file() else None
+
+
+def software_of(run: Run) -> dict[str, str]:
+    """The torch, Triton and CUDA versions a run ran with, from its record and its log (CUDA: nvidia-smi's, in the
+    log's header); those neither tells are left out."""
+    found = {}
+    if run.source.suffix == ".json":
+        env = json.loads(read_text(run.source)).get("env") or {}
+        found = {"torch": env.get("torch"), "Triton": env.get("triton")}
+    log = log_of(run)
+    if log is not None:
+        parts = read_text(log).split("\n" + SEPARATOR + "\n", 2)
+        header = parts[1] if len(parts) == 3 else ""  # between the source and the step lines
+        if m := VERSIONS_LINE.search(header):
+            found = {"torch": found.get("torch") or m[2], "Triton": found.get("Triton") or m[3]}
+        if m := CUDA_LINE.search(header):
+            found["CUDA"] = m[1]
+    return {key: str(value) for key, value in found.items() if value and value != "not installed"}
+
+
+def one_or_all(values) -> str:
+    values = list(dict.fromkeys(values))
+    return ", ".join(values) if values else "unknown"
+
+
+def statistics_md(label: str, runs: list[Run], target: float) -> str:
+    """A side's statistics.md: its machine and software, the loss and time figures, the losses and times as lists
+    and the scipy lines that recompute its p-value from them."""
+    losses = [r.final.val_loss for r in runs]
+    times = [r.final.train_time_ms / 1000 for r in runs]
+    loss_mean, loss_std = mean_std(losses)
+    time_mean, time_std = mean_std(times)
+    p = t_test_below(losses, target)["p"]
+    software = [software_of(r) for r in runs]
+    out = [f"# {label}", ""]
+    if not p < SUBMISSION_P:
+        out += [f"**These runs do not reach the target: p = {fmt(p, '.4g')}, not below {SUBMISSION_P} (one-sided "
+                f"t-test of mean val loss < {target}).**", ""]
+    out += [f"- GPUs: {one_or_all(r.hardware or 'unknown' for r in runs)}"]
+    out += [f"- {name}: {one_or_all(s[name] for s in software if name in s)}" for name in ("torch", "Triton", "CUDA")]
+    out += [f"- runs: {len(runs)}", "", "| figure | value |", "| --- | --- |",
+            f"| mean val loss | {fmt(loss_mean, '.4f')} |", f"| val loss std (n - 1) | {fmt(loss_std, '.4f')} |",
+            f"| p, one-sided t-test of mean < {target} | {fmt(p, '.4g')} |",
+            f"| mean train time | {fmt(time_mean, '.3f')} s |",
+            f"| train time std (n - 1) | {fmt(time_std, '.3f')} s |",
+            f"| median train time | {float(np.median(times)):.3f} s |",
+            f"| train time range | {min(times):.3f} s - {max(times):.3f} s |", "",
+            "```python", "import scipy.stats", f"losses = {losses!r}", f"times = {times!r}",
+            f'print("p =", scipy.stats.ttest_1samp(losses, {target!r}, alternative="less").pvalue)', "```", ""]
+    return "\n".join(out)
+
+
+def source_of(run: Run) -> str | None:
+    """The train_gpt.py a run ran, as its log keeps it above the separator; None where there is no such log."""
+    log = log_of(run)
+    text = read_text(log) if log else ""
+    return text.split("\n" + SEPARATOR + "\n", 1)[0] + "\n" if "\n" + SEPARATOR + "\n" in text else None
+
+
+def what_changed(runs: RunSet, baseline: RunSet) -> list[str]:
+    """The flags the sides differ in, and the diff of the train_gpt.py they ran where the two differ."""
+    changed = knob(runs, baseline)
+    theirs = shared_settings(baseline)
+    flags, before = (" ".join(f"--{key}={flag_value(values[key])}" for key in changed) for values in (changed, theirs))
+    out = [f"Flags: `{flags}` (the baseline: `{before}`)." if flags else "Flags: the same on both sides."]
+    sources = [source_of(s.finished[0]) for s in (baseline, runs)]
+    if None in sources:
+        out.append("The logs of one side keep no source: no diff of train_gpt.py.")
+    elif sources[0] != sources[1]:
+        lines = difflib.unified_diff(sources[0].splitlines(keepends=True), sources[1].splitlines(keepends=True),
+                                     "baseline/train_gpt.py", "this_pr/train_gpt.py")
+        out += ["", "The diff of train_gpt.py between the two sides' recorded sources:", "", "```diff",
+                "".join(lines).rstrip("\n"), "```"]
+    else:
+        out.append("train_gpt.py is the same on both sides.")
+    return out
+
+
+def time_saved(runs: RunSet, baseline: RunSet) -> str:
+    """The training time saved (baseline minus this side), paired by seed where they share 2 seeds, else Welch's."""
+    pairs = paired(runs.finished, baseline.finished)
+    if pairs and pairs["train_time_s"]["n"] >= 2:
+        t = pairs["train_time_s"]
+        saved, (low, high), how = -t["mean"], [-x for x in reversed(t["ci95"])], f"paired by seed over {t['n']} seeds"
+        p = t["p"]
+    else:
+        mine, theirs = ([r.final.train_time_ms / 1000 for r in s.finished] for s in (runs, baseline))
+        w = welch(theirs, mine)
+        saved, (low, high), how, p = float(np.mean(theirs) - np.mean(mine)), w["ci95"], "Welch's t-test", w["p"]
+    base = mean_std([r.final.train_time_ms / 1000 for r in baseline.finished])[0]
+    interval = "n/a" if math.isnan(low) else f"[{low:+.3f}, {high:+.3f}] s"
+    return (f"Time saved: {saved:+.3f} s ({100 * saved / base:+.2f}% of the baseline's {base:.3f} s), 95% interval "
+            f"{interval}, p = {fmt(p, '.3g')} ({how}, two-sided).")
+
+
+def submission(runs: RunSet, baseline: RunSet, name: str, out: Path, target: float | None = None,
+               today: datetime.date | None = None) -> Path:
+    """OUT/records/track_1_short/DATE_NAME: baseline/ and this_pr/ with their logs and statistics.md, and a README
+    with what changed, the time saved and the plots (the validation curves, and the weights' mean square where the
+    records hold it)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise RecordError(f"--name {name!r}: use letters, digits, '.', '_' and '-', as in CautiousWD")
+    today = today or datetime.datetime.now(datetime.timezone.utc).date()
+    folder = out / SUBMISSION_TRACK / f"{today:%Y-%m-%d}_{name}"
+    if folder.exists():
+        raise RecordError(f"{folder} already exists; choose another --name or --out, or remove that folder")
+    reason = incomparable(runs, baseline)
+    if reason:
+        raise RecordError(f"{reason}; a record compares runs of one model")
+    target = choose_target([runs, baseline], target)[0]
+    sides = {"this_pr": runs, "baseline": baseline}
+    files: dict[str, str | bytes] = {}
+    failing = []
+    for side_name, runset in sides.items():
+        files[f"{side_name}/statistics.md"] = statistics_md(f"{side_name}: {runset.name}", runset.finished, target)
+        for run in runset.finished:
+            log = log_of(run)
+            if log is not None:
+                files[f"{side_name}/{log.name}"] = log.read_bytes()
+        p = t_test_below([r.final.val_loss for r in runset.finished], target)["p"]
+        if not p < SUBMISSION_P:
+            failing.append(f"**{side_name} does not reach the target: p = {fmt(p, '.4g')}, not below "
+                           f"{SUBMISSION_P} (one-sided t-test of mean val loss < {target}).**")
+    sets = [dataclasses.replace(runs, name="this_pr"), dataclasses.replace(baseline, name="baseline")]
+    plots = {"curves.png": ("validation loss", VAL_LOSS)}
+    for group in KEY_GROUPS:
+        metric = f"mean_square:{group}"
+        if any(run_points(r, metric) for s in sets for r in s.finished):
+            plots[f"mean_square_{group}.png"] = (f"mean square of the {group} weights", metric)
+    for file_name, (_, metric) in plots.items():
+        buffer = io.BytesIO()
+        figure([dataclasses.replace(s, runs=s.finished) for s in sets], metric, target).savefig(buffer, format="png")
+        files[file_name] = buffer.getvalue()
+    means = {key: mean_std([r.final.val_loss for r in s.finished])[0] for key, s in sides.items()}
+    readme = [f"# {name}", ""] + [line for f in failing for line in (f, "")] + ["## What changed", ""]
+    readme += what_changed(runs, baseline) + ["", "## Results", "",
+               f"Mean final validation loss {means['this_pr']:.4f} over {plural(len(runs.finished), 'run')} "
+               f"(baseline: {means['baseline']:.4f} over {len(baseline.finished)}), target {target}.", "",
+               time_saved(runs, baseline), ""]
+    readme += [f"![{title}]({file_name})" for file_name, (title, _) in plots.items()]
+    readme += ["", "Each side's figures, its losses and times, and the lines that recompute its p-value: "
+               "[this_pr/statistics.md](this_pr/statistics.md), [baseline/statistics.md](baseline/statistics.md); "
+               "its logs beside them.", ""]
+    files["README.md"] = "\n".join(readme)
+    write_folder_atomically(folder, files)
+    return folder
 
 
 # -----------------------------------------------------------------------------
@@ -1253,7 +1595,9 @@ def build_parser() -> argparse.ArgumentParser:
                "examples:\n  python records/compare.py summary record43\n"
                "  python records/compare.py diff logs/ --baseline record43\n"
                "  python records/compare.py plot logs/ --baseline record43 -o curves.png\n"
-               "  python records/compare.py record logs/baseline --name mybox")
+               "  python records/compare.py record logs/baseline --name mybox\n"
+               "  python records/compare.py sweep logs/sweep/weight_decay=0.6,0.9,1.5,1.8\n"
+               "  python records/compare.py submission logs/b --baseline logs/a --name CautiousWD")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name, help, description):
@@ -1285,7 +1629,17 @@ def build_parser() -> argparse.ArgumentParser:
     diffing.add_argument("--loss-per-100-steps", type=finite_number, default=LOSS_PER_100_STEPS, metavar="RATE",
                          help="the loss that 100 steps are worth in the track's figure (default: %(default)s, "
                               "measured on the track's baseline)")
-    for sub in (summary, diffing):
+    sweeping = commands.add_parser(
+        "sweep", help="the verdict of a ./run.sh --sweep or --ab folder",
+        description="The verdict of every arm of a ./run.sh --sweep (or --ab) comparison against its baseline: final "
+                    "loss, the paired difference by seed with its 95% interval and p-value (with several arms also "
+                    "Holm-adjusted), the same for the training time, the track's figure and the step at which each "
+                    "mean curve reaches the target; the best side, and whether it beats the runner-up. Writes "
+                    "FOLDER/final_loss.png (final loss against the swept value) and FOLDER/curves.png. One arm "
+                    "(--ab) gets diff's report.")
+    sweeping.add_argument("folder", metavar="FOLDER", type=Path,
+                          help="the comparison's folder: baseline/ and one subfolder an arm, as ./run.sh made them")
+    for sub in (summary, diffing, sweeping):
         add_allow_incomplete(sub)
         sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
     plotting = add("plot", "plot validation loss (or a weight figure) against step",
@@ -1300,29 +1654,65 @@ def build_parser() -> argparse.ArgumentParser:
                                f"analysis as METRIC:GROUP with METRIC one of {', '.join(ANALYSIS_METRICS)} and GROUP "
                                "e.g. attn, mlp, mlp_in, attn_o, embed (or a part: mean_square:blocks.1.mlp.fc)")
     add_allow_incomplete(plotting)
-    for sub in (summary, diffing, plotting):
-        sub.add_argument("--target", type=finite_number, metavar="LOSS",
-                         help="the validation loss to reach, in every figure, p-value and line (default: the one the "
-                              f"(baseline's) runs aim at, set with their preset: {TARGET_LOSS} for the record "
-                              "presets, the tiny preset's own for tiny runs)")
     recording = add("record", "write records/NAME from finished runs, a baseline of your own",
                     "Write records/NAME/ (figures.json, and a README with the runs table, mean, std and p-value) "
                     "from the finished RUNs, which must share one setup and machine; then "
                     "`diff RUNS --baseline NAME` compares against times measured on this machine.")
     recording.add_argument("--name", required=True, help="the folder to create in records/, e.g. mybox")
+    submitting = add("submission", "write the folder a record's pull request adds to the speedrun's repository",
+                     f"Write OUT/{SUBMISSION_TRACK}/DATE_NAME/ from the finished RUNs (this_pr/) and the baseline's "
+                     "(baseline/): each side's .txt logs and a statistics.md (GPUs, torch, Triton and CUDA versions, "
+                     "runs; mean val loss, its std, the one-sided p for the target, the training time's mean, std, "
+                     "median and range; the losses and times as Python lists and the scipy lines that recompute p), "
+                     "and a README.md with what changed (flags, or the diff of the recorded train_gpt.py), the time "
+                     "saved with its paired interval, and the validation curves and weight figures as PNG files. "
+                     f"A side whose p is not below {SUBMISSION_P} gets the folder too, with that said at the top.")
+    submitting.add_argument("--baseline", required=True, metavar="NAME_OR_PATH", help="the runs the record beats")
+    submitting.add_argument("--name", required=True, help="the record's name, e.g. CautiousWD")
+    submitting.add_argument("--out", type=Path, default=Path("submission"),
+                            help=f"the folder to write {SUBMISSION_TRACK}/DATE_NAME in, e.g. a clone of the "
+                                 "speedrun's repository (default: %(default)s)")
+    for sub in (summary, diffing, plotting, sweeping, submitting):
+        sub.add_argument("--target", type=finite_number, metavar="LOSS",
+                         help="the validation loss to reach, in every figure, p-value and line (default: the one the "
+                              f"(baseline's) runs aim at, set with their preset: {TARGET_LOSS} for the record "
+                              "presets, the tiny preset's own for tiny runs)")
     return parser
+
+
+def print_sweep(folder: Path, target: float | None, allow_incomplete: bool, as_json: bool) -> int:
+    """compare.py sweep: the report of a comparison's folder, its plots written beside its runs."""
+    baseline, arms, packed = comparison_sets(folder, allow_incomplete)
+    w = sweep(baseline, arms, target)
+    plots = plot_sweep(baseline, arms, w, folder)
+    if len(arms) == 1:
+        report = diff(arms[0], baseline, target)
+        text = render_diff(report)
+    else:
+        report, text = w, render_sweep(w)
+    report = {**report, "packed": packed, "plots": [str(p) for p in plots]}
+    print(to_json(report) if as_json else "\n".join([text, ""] + packed_note(packed) +
+                                                     [f"plots: {', '.join(map(str, plots))}"]))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         allow_incomplete = getattr(args, "allow_incomplete", False)
+        if args.command == "sweep":
+            return print_sweep(args.folder, args.target, allow_incomplete, args.json)
         runs = load_set(args.runs, allow_incomplete)
         baseline = load_set([args.baseline], allow_incomplete) if getattr(args, "baseline", None) else None
         if args.command == "record":
             folder = write_record(runs, args.name)
             print(f"wrote {folder} from {plural(len(runs.finished), 'finished run')}; compare with it: "
                   f"python records/compare.py diff RUN... --baseline {args.name}")
+            return 0
+        if args.command == "submission":
+            folder = submission(runs, baseline, args.name, args.out, args.target)
+            print(f"wrote {folder}: README.md, baseline/ and this_pr/; copy {args.out / 'records'} into a clone of "
+                  "the speedrun's repository for the pull request")
             return 0
         if args.command == "plot":
             sets = [runs] + ([baseline] if baseline else [])

@@ -124,8 +124,15 @@ def test_the_verdict_of_several_arms_is_one_table():
     v = compare.verdict(base, arms, 4.8, "the tiny preset's", ["baseline", "muon_lr 0.06", "muon_lr 0.09"])
     lines = compare.render_verdict(v)
     assert [arm["better"] for arm in v["arms"]] == ["candidate", "neither"]
-    assert lines[0] == "verdict at target 4.8 (the tiny preset's): 1 of 2 candidates better than the baseline (p < 0.05): muon_lr 0.06"
-    assert [line.split()[0] for line in lines[2:]] == ["baseline", "muon_lr", "muon_lr"] and len(lines) == 5
+    assert lines[0] == ("verdict at target 4.8 (the tiny preset's): 1 of 2 candidates better than the baseline "
+                        "(Holm-adjusted p < 0.05): muon_lr 0.06")
+    assert [line.split()[0] for line in lines[2:5]] == ["baseline", "muon_lr", "muon_lr"] and len(lines) == 6
+    # two tests: the smaller p doubled, the larger kept (Holm), each beside its own
+    raw = [arm["p"] for arm in v["arms"]]
+    assert [arm["p_holm"] for arm in v["arms"]] == pytest.approx([max(2 * min(raw), max(raw)) if p == max(raw)
+                                                                  else 2 * p for p in raw])
+    assert "p (Holm)" in lines[1] and f"{raw[0]:.2g}  {v['arms'][0]['p_holm']:.2g}" in lines[3]
+    assert lines[5].startswith("  2 arms against one baseline are 2 tests") and "Holm's method" in lines[5]
 
 
 def test_the_curve_and_the_weights_are_short_unless_all(tmp_path):
@@ -193,8 +200,10 @@ def test_run_sh_help_tells_its_own_flags_then_the_trainers_and_does_nothing_else
     result = run_sh(tmp_path, "--help")
     assert result.returncode == 0 and result.stderr == ""
     out = result.stdout
-    assert out.startswith("usage: ./run.sh [--runs=N] [--ab=\"FLAGS\" --runs=N] [train_gpt.py's flags")
-    assert "  --runs=N " in out and "  --ab=\"FLAGS\" " in out
+    assert out.startswith("usage: ./run.sh [--runs=N] [--ab=\"FLAGS\" | --sweep=\"--FLAG=V1,V2,...\" --runs=N "
+                          "[--gpus_per_run=K]]\n                [train_gpt.py's flags")
+    assert "  --runs=N " in out and "  --ab=\"FLAGS\" " in out and "  --sweep=\"--FLAG=V1,V2,...\"\n" in out
+    assert "  --gpus_per_run=K\n" in out
     assert out.index("train_gpt.py's flags, which run.sh passes on:") < out.index("--muon_lr NUMBER")
     assert "No NVIDIA GPU" not in out and "wrote" not in out
 
@@ -203,16 +212,17 @@ def test_run_sh_ab_without_enough_pairs_stops_before_any_run(tmp_path):
     for extra in ([], ["--runs=1"]):
         result = run_sh(tmp_path, "--ab=--adam_weight_decay=0.005", *extra, f"--log_dir={tmp_path / 'logs'}")
         assert result.returncode == 2 and result.stdout == ""
-        assert result.stderr == ("error: --ab needs --runs=N, N pairs of runs with N at least 2 (the paired test "
+        assert result.stderr == ("error: --ab needs --runs=N, N runs of each arm with N at least 2 (the paired test "
                                  "needs 2 pairs, more make it surer): add --runs=4\n")
     assert not (tmp_path / "logs").exists()
 
 
 def test_ab_runs_go_apart_from_single_runs_unless_a_log_dir_is_given(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    lines = ab.plan(2, "--adam_weight_decay=0.005 --train_files=data/x/*.bin", ["python", "train_gpt.py", "--preset=tiny"])
+    lines = ab.plan(2, ab.ab_comparison("--adam_weight_decay=0.005 --train_files=data/x/*.bin"),
+                    ["python", "train_gpt.py", "--preset=tiny"])
     folder = tmp_path / "logs" / "ab" / "adam_weight_decay=0.005_train_files=data_x__.bin"
-    assert [(role, (tmp_path / path).resolve()) for role, _, path, _ in lines[:2]] == [
+    assert [(role, (tmp_path / path).resolve()) for role, _, path, _, _ in lines[:2]] == [
         ("baseline", folder / "baseline"), ("candidate", folder / "candidate")]
     assert (folder / "ab.args").is_file()
 

@@ -268,67 +268,69 @@ TRAINER = ["python", "train_gpt.py", "--preset=tiny"]
 
 def test_plan_alternates_baseline_and_candidate_seed_by_seed_and_saves_the_comparison(tmp_path):
     command = TRAINER + [f"--log_dir={tmp_path}"]
-    lines = ab.plan(2, "--adam_weight_decay=0.005", command)
-    assert lines == [("baseline", 0, tmp_path / "baseline", ""), ("candidate", 0, tmp_path / "candidate", ""),
-                     ("baseline", 1, tmp_path / "baseline", ""), ("candidate", 1, tmp_path / "candidate", "")]
+    lines = ab.plan(2, ab.ab_comparison("--adam_weight_decay=0.005"), command)
+    flags = ["--adam_weight_decay=0.005"]
+    assert lines == [("baseline", 0, tmp_path / "baseline", "", []), ("candidate", 0, tmp_path / "candidate", "", flags),
+                     ("baseline", 1, tmp_path / "baseline", "", []), ("candidate", 1, tmp_path / "candidate", "", flags)]
     saved = json.loads((tmp_path / "ab.args").read_text())
-    assert saved == {"format": "train_gpt-ab/1", "flags": ["--adam_weight_decay=0.005"], "command": command}
+    assert saved == {"format": "train_gpt-ab/2", "kind": "ab", "given": ["--adam_weight_decay=0.005"],
+                     "arms": {"candidate": flags}, "command": command, "packed": False}
 
 
 def test_plan_of_the_gpu_command_reads_the_trainers_arguments_after_torchrun(tmp_path):
     command = ["torchrun", "--standalone", "--nproc_per_node=8", "train_gpt.py", "--train_files=d/fineweb_train_*.bin",
                "--val_files=d/fineweb_val_*.bin", "--log_dir", str(tmp_path / "gpu")]
-    lines = ab.plan(1, "--muon_lr=0.035 --num_scheduled_iterations=2150", command)
-    assert [(role, folder) for role, _, folder, _ in lines] == [("baseline", tmp_path / "gpu" / "baseline"),
+    lines = ab.plan(1, ab.ab_comparison("--muon_lr=0.035 --num_scheduled_iterations=2150"), command)
+    assert [(role, folder) for role, _, folder, _, _ in lines] == [("baseline", tmp_path / "gpu" / "baseline"),
                                                                ("candidate", tmp_path / "gpu" / "candidate")]
     with pytest.raises(ab.ABError, match="the baseline's arguments: unknown flag --nproc_per_node"):
-        ab.plan(1, "--muon_lr=0.035", ["torchrun", "train_gpt.py", "--nproc_per_node=8"])
+        ab.plan(1, ab.ab_comparison("--muon_lr=0.035"), ["torchrun", "train_gpt.py", "--nproc_per_node=8"])
 
 
 def test_plan_skips_the_runs_that_finished_and_only_those(tmp_path):
     command = TRAINER + ["--log_dir", str(tmp_path)]
-    ab.plan(3, "--muon_lr=0.035", command)
+    ab.plan(3, ab.ab_comparison("--muon_lr=0.035"), command)
     done = {"a0": seeded_run(tmp_path / "baseline", "a0", 0, 3.28),
             "b0": seeded_run(tmp_path / "candidate", "b0", 0, 3.28), "a1": seeded_run(tmp_path / "baseline", "a1", 1, 3.28)}
     interrupted = record_json("b1", {0: 10.8, 100: 4.1}, 400, 120, "interrupted", setup={"seed": 1})
     (tmp_path / "candidate" / "b1.json").write_text(json.dumps(interrupted))
     (tmp_path / "candidate" / "b2.json").write_text('{"format": "train_gpt-record/1", "status": "fini')  # cut short
-    lines = ab.plan(3, "--muon_lr=0.035", command)
-    assert [(role, seed, record) for role, seed, _, record in lines] == [
+    lines = ab.plan(3, ab.ab_comparison("--muon_lr=0.035"), command)
+    assert [(role, seed, record) for role, seed, _, record, _ in lines] == [
         ("baseline", 0, str(done["a0"])), ("candidate", 0, str(done["b0"])), ("baseline", 1, str(done["a1"])),
         ("candidate", 1, ""), ("baseline", 2, ""), ("candidate", 2, "")]
     # more pairs later: the same comparison, longer
-    assert len(ab.plan(5, "--muon_lr=0.035", command)) == 10
+    assert len(ab.plan(5, ab.ab_comparison("--muon_lr=0.035"), command)) == 10
 
 
 def test_plan_refuses_another_comparison_in_a_folder_with_finished_runs(tmp_path):
     command = TRAINER + [f"--log_dir={tmp_path}"]
-    ab.plan(2, "--muon_lr=0.035", command)
+    ab.plan(2, ab.ab_comparison("--muon_lr=0.035"), command)
     seeded_run(tmp_path / "baseline", "a0", 0, 3.28)
     with pytest.raises(ab.ABError) as e:
-        ab.plan(2, "--muon_lr=0.04", command)
-    assert str(e.value) == (f"{tmp_path} holds a comparison with other FLAGS: --ab=\"--muon_lr=0.035\" on "
+        ab.plan(2, ab.ab_comparison("--muon_lr=0.04"), command)
+    assert str(e.value) == (f"{tmp_path} holds a comparison with other flags: --ab=\"--muon_lr=0.035\" on "
                             f"`python train_gpt.py --preset=tiny --log_dir={tmp_path}`; run that to go on with it, or "
                             "give another --log_dir")
     with pytest.raises(ab.ABError, match="with other arguments: "):
-        ab.plan(2, "--muon_lr=0.035", command + ["--max_steps=10"])
+        ab.plan(2, ab.ab_comparison("--muon_lr=0.035"), command + ["--max_steps=10"])
     (tmp_path / "ab.args").unlink()
-    with pytest.raises(ab.ABError, match=f"{tmp_path}/baseline or /candidate holds finished runs but no ab.args"):
-        ab.plan(2, "--muon_lr=0.035", command)
+    with pytest.raises(ab.ABError, match=f"{tmp_path} holds finished runs in its subfolders but no ab.args"):
+        ab.plan(2, ab.ab_comparison("--muon_lr=0.035"), command)
 
 
 def test_a_folder_without_finished_runs_takes_a_new_comparison(tmp_path):
     command = TRAINER + [f"--log_dir={tmp_path}"]
-    ab.plan(2, "--muon_lr=0.035", command)
+    ab.plan(2, ab.ab_comparison("--muon_lr=0.035"), command)
     failed = record_json("a0", {0: 10.8}, 400, 3, "failed", setup={"seed": 0})
     (tmp_path / "baseline").mkdir()
     (tmp_path / "baseline" / "a0.json").write_text(json.dumps(failed))
-    ab.plan(2, "--muon_lr=0.04", command)
-    assert json.loads((tmp_path / "ab.args").read_text())["flags"] == ["--muon_lr=0.04"]
+    ab.plan(2, ab.ab_comparison("--muon_lr=0.04"), command)
+    assert json.loads((tmp_path / "ab.args").read_text())["arms"] == {"candidate": ["--muon_lr=0.04"]}
 
 
 @pytest.mark.parametrize("flags, message", [
-    ("", "--ab needs the candidate's flags, e.g. --ab=\"--muon_lr=0.035 --num_scheduled_iterations=2150\""),
+    ("", "--ab needs the flags to try, e.g. --ab=\"--muon_lr=0.035 --num_scheduled_iterations=2150\""),
     ("--muon_lr=x", "the candidate's flags (--ab): --muon_lr=x: expected a number, for example --muon_lr=0.5"),
     ("--muon_lrr=0.04", "the candidate's flags (--ab): unknown flag --muon_lrr (did you mean --muon_lr?)"),
     ("--seed=3", "--ab=--seed=3: --seed is set by the comparison for each run; leave it out of --ab"),
@@ -337,14 +339,14 @@ def test_a_folder_without_finished_runs_takes_a_new_comparison(tmp_path):
 ])
 def test_plan_refuses_bad_flags_before_any_run(tmp_path, flags, message):
     with pytest.raises(ab.ABError) as e:
-        ab.plan(2, flags, TRAINER + [f"--log_dir={tmp_path}"])
+        ab.plan(2, ab.ab_comparison(flags), TRAINER + [f"--log_dir={tmp_path}"])
     assert message in str(e.value)
     assert not (tmp_path / "ab.args").exists()
 
 
 def test_plan_checks_the_baselines_arguments_too(tmp_path):
     with pytest.raises(ab.ABError, match="the baseline's arguments: --val_tokens=1000 is not a multiple"):
-        ab.plan(2, "--muon_lr=0.04", TRAINER + ["--val_tokens=1000", f"--log_dir={tmp_path}"])
+        ab.plan(2, ab.ab_comparison("--muon_lr=0.04"), TRAINER + ["--val_tokens=1000", f"--log_dir={tmp_path}"])
 
 
 # -----------------------------------------------------------------------------
@@ -419,5 +421,5 @@ def test_run_sh_ab_interleaves_the_pairs_resumes_after_an_interrupt_and_ends_wit
     other = subprocess.run([*command[:1], "--ab=--adam_lr=0.06", *command[2:]], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=600)
     assert other.returncode == 2 and "run 1" not in other.stdout
-    assert other.stderr.splitlines()[-1].startswith(f"error: {logs} holds a comparison with other FLAGS: "
+    assert other.stderr.splitlines()[-1].startswith(f"error: {logs} holds a comparison with other flags: "
                                                     "--ab=\"--adam_lr=0.05\" on `python train_gpt.py --preset=tiny")
