@@ -110,10 +110,16 @@ def sinfo_state(env) -> str:
     return subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout.strip()
 
 
+# The states of a job that has ended, as squeue shows it for a while after (MinJobAge, 5 minutes by default).
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
 def job_state(env, job: str) -> str:
-    """The job's state and reason, '' once it has left the queue."""
-    return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], env=env, capture_output=True,
-                          text=True).stdout.strip()
+    """The job's state and reason, e.g. 'PENDING BeginTime'; '' where squeue did not answer (a busy controller), which
+    must not pass for a job that has ended."""
+    result = subprocess.run(["squeue", "-h", "-t", "all", "-j", job, "-o", "%T %r"], env=env, capture_output=True,
+                            text=True)
+    return result.stdout.strip() if result.returncode == 0 else ""
 
 
 def wait_for(condition, what: str, timeout: float = 300):
@@ -140,7 +146,7 @@ def test_a_job_preempted_by_scancel_checkpoints_is_requeued_and_ends_like_an_unb
     # SLURM holds a requeued job back for a while before it starts again; not this one
     wait_for(lambda: job_state(cluster, job).startswith("PENDING"), "the job back in the queue")
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster, check=True)
-    wait_for(lambda: job_state(cluster, job) == "", "the job's end", timeout=600)
+    wait_for(lambda: job_state(cluster, job).startswith(ENDED), "the job's end", timeout=600)
 
     text = output.read_text()
     assert f"job {job}, attempt 1, on " in text and f"job {job}, attempt 2, on " in text
