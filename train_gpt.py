@@ -1999,7 +1999,7 @@ def train(cfg: Config, device, rank: int, world: int, inputs: Inputs, log: "RunL
         loss = train_step(cfg, model, optimizers, batches, grad_accum, step, windows) / micro_tokens  # per token
         check.push(f"step {step + 1}", loss)
         flops += cfg.train_batch_tokens * training_flops_per_token(cfg, *windows)
-        log.step(step + 1, total_steps, train_ms + 1000 * (time.perf_counter() - t0), check.latest, flops)
+        log.step(step + 1, stop, total_steps, train_ms + 1000 * (time.perf_counter() - t0), check.latest, flops)
     agreement.finish()
     log.where = "after training"
     memory = peak_memory(device)  # of the training, as the record reports it
@@ -2692,6 +2692,11 @@ def hardware_report() -> str:
         return f"no nvidia-smi; CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
+def time_to_go(step: int, stop: int, train_ms: float) -> float:
+    """Seconds of training still to go before step `stop`, at the pace of the `step` steps so far."""
+    return (stop - step) * train_ms / step / 1000
+
+
 class RunLog:
     """The record files of rank 0; on other ranks every method does nothing. The .json is rewritten at each
     validation and when the run ends; `steps_done` follows the step lines. A resumed run continues its record."""
@@ -2706,7 +2711,6 @@ class RunLog:
 
     def _open(self, cfg: Config, world: int, device, resumed: dict | None):
         self.batch_tokens = cfg.train_batch_tokens
-        self.stop = final_step(cfg)  # the step the run ends at, for the time still to go
         peak = peak_bf16_flops(device)
         self.peak_flops = peak and peak * world  # of all GPUs together
         folder = Path(cfg.log_dir)  # made by check_output_folders
@@ -2777,7 +2781,7 @@ class RunLog:
         if self.enabled:
             self.record.update(startup_s=seconds, startup=parts)
 
-    def step(self, step: int, total_steps: int, train_ms: float, loss: float | None, flops: float):
+    def step(self, step: int, stop: int, total_steps: int, train_ms: float, loss: float | None, flops: float):
         """The public step line, then the newest training loss read (None before the first), the throughput,
         where the GPU's peak is known the model FLOPs utilisation, and the training time still to go at this pace."""
         if not self.enabled:
@@ -2787,7 +2791,7 @@ class RunLog:
         self.record.update(steps_done=step, tokens_per_s=self.batch_tokens * step / seconds,
                            mfu=self.peak_flops and flops / seconds / self.peak_flops)
         mfu_part = f" mfu:{100 * self.record['mfu']:.1f}%" if self.peak_flops else ""
-        eta = (self.stop - step) * train_ms / step / 1000
+        eta = time_to_go(step, stop, train_ms)
         self.line(f"step:{step}/{total_steps} train_time:{train_ms:.0f}ms step_avg:{train_ms / step:.2f}ms"
                   f"{loss_part} tokens/s:{self.record['tokens_per_s']:.0f}{mfu_part} eta:{eta:.0f}s")
 
@@ -2795,7 +2799,7 @@ class RunLog:
         """The public validation line, with the training time still to go before `stop` when it can be told."""
         if not self.enabled:
             return
-        eta = f" eta:{(stop - step) * train_ms / step / 1000:.0f}s" if 0 < step < stop else ""
+        eta = f" eta:{time_to_go(step, stop, train_ms):.0f}s" if 0 < step < stop else ""
         self.line(f"step:{step}/{total_steps} val_loss:{loss:.4f} train_time:{train_ms:.0f}ms "
                   f"step_avg:{train_ms / max(step, 1):.2f}ms{eta}")
         self.record["val"].append({"step": step, "val_loss": loss, "train_time_ms": train_ms})
