@@ -515,6 +515,13 @@ def mean_curve(runs: list[Run]) -> list[tuple[int, float, int]]:
     return [(step, float(np.mean(losses)), len(losses)) for step, losses in sorted(by_step.items())]
 
 
+def interval95(values: list[float]) -> float:
+    """Half the width of the 95% t-interval of the mean of the values; nan below 2."""
+    if len(values) < 2:
+        return math.nan
+    return float(stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values)))
+
+
 def paired_t(diffs: list[float]) -> dict:
     """The paired t-test: two-sided, that the mean of per-pair differences is zero (scipy's ttest_rel on the pairs),
     with the 95% interval of that mean."""
@@ -523,7 +530,7 @@ def paired_t(diffs: list[float]) -> dict:
     if n < 2 or np.ptp(diffs) == 0:
         return {"n": n, "mean": mean, "ci95": [math.nan, math.nan], "t": math.nan, "df": math.nan, "p": math.nan}
     res = stats.ttest_1samp(diffs, 0.0)
-    half = float(stats.t.ppf(0.975, n - 1) * np.std(diffs, ddof=1) / math.sqrt(n))
+    half = interval95(diffs)
     return {"n": n, "mean": mean, "ci95": [mean - half, mean + half], "t": float(res.statistic), "df": float(res.df),
             "p": float(res.pvalue)}
 
@@ -781,13 +788,6 @@ def knob(arm: RunSet, baseline: RunSet) -> dict:
     """The settings an arm differs from the baseline in, with the arm's values."""
     theirs = shared_settings(baseline)
     return {key: value for key, value in shared_settings(arm).items() if theirs.get(key, value) != value}
-
-
-def interval95(values: list[float]) -> float:
-    """Half the width of the 95% t-interval of the mean of the values; nan below 2."""
-    if len(values) < 2:
-        return math.nan
-    return float(stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values)))
 
 
 def sweep(baseline: RunSet, arms: list[RunSet], target: float | None = None) -> dict:
