@@ -672,9 +672,10 @@ def side(runset: RunSet, label: str, target: float) -> dict:
             "first_step_at_target": first_step_below(curve, target) if curve else None}
 
 
-def arm_verdict(arm: RunSet, baseline: RunSet, label: str, target: float) -> dict:
+def arm_verdict(arm: RunSet, baseline: RunSet, label: str, target: float, rate: float = LOSS_PER_100_STEPS) -> dict:
     """One candidate against the baseline: the final-loss difference (candidate minus baseline) by the paired
-    t-test over the seeds both ran where they share two, else by Welch's test; the better side where p < SURE_P."""
+    t-test over the seeds both ran where they share two, else by Welch's test; the better side where p < SURE_P;
+    the track's rule with 100 steps worth `rate` of loss."""
     pairs = paired(arm.finished, baseline.finished)
     if pairs and pairs["final_val_loss"]["n"] >= 2:
         t = pairs["final_val_loss"]
@@ -684,7 +685,7 @@ def arm_verdict(arm: RunSet, baseline: RunSet, label: str, target: float) -> dic
         w = welch(mine, theirs)
         test = {"test": "Welch", "test_n": len(mine) + len(theirs), "diff": mean_std(mine)[0] - mean_std(theirs)[0],
                 "ci95": w["ci95"], "p": w["p"]}
-    track = pairwise(arm.finished, baseline.finished)
+    track = pairwise(arm.finished, baseline.finished, rate)
     return {**side(arm, label, target), **test, "better": better_side(test["diff"], test["p"]),
             "step_diff": -track["step_diff"], "track_figure": track["figure"], "track_better": track["better"],
             "time": pairs["train_time_s"] if pairs else None}
@@ -707,10 +708,11 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
-def verdict(baseline: RunSet, arms: list[RunSet], target: float, whose: str, labels: list[str]) -> dict:
+def verdict(baseline: RunSet, arms: list[RunSet], target: float, whose: str, labels: list[str],
+            rate: float = LOSS_PER_100_STEPS) -> dict:
     """The baseline and one or more candidate arms at one target: labels[0] names the baseline, the rest the arms.
     Several arms are several tests: each is then judged by its Holm-adjusted p-value."""
-    judged = [arm_verdict(arm, baseline, label, target) for arm, label in zip(arms, labels[1:])]
+    judged = [arm_verdict(arm, baseline, label, target, rate) for arm, label in zip(arms, labels[1:])]
     if len(judged) > 1:
         for arm, adjusted in zip(judged, holm([arm["p"] for arm in judged])):
             arm.update(p_holm=adjusted, better=better_side(arm["diff"], adjusted))
@@ -751,7 +753,7 @@ def diff(runs: RunSet, baseline: RunSet, target: float | None = None, rate: floa
              for key, s in (("runs", runs), ("baseline", baseline))}
     mean_a, mean_b = mean_std(a)[0], mean_std(b)[0]
     return {
-        "verdict": verdict(baseline, [runs], target, whose, [labels["baseline"], labels["runs"]]),
+        "verdict": verdict(baseline, [runs], target, whose, [labels["baseline"], labels["runs"]], rate),
         **sides,
         "warnings": setup_warnings([runs, baseline]) + settings_warnings(runs) + settings_warnings(baseline),
         "target": target,

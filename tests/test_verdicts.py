@@ -60,6 +60,10 @@ def test_pairwise_figure_of_the_track_readmes_example_12_against_6(tmp_path):
     d = cli_json("diff", tmp_path / "twelve", "--baseline", tmp_path / "six", "--loss-per-100-steps", "0.002")
     assert d["track"]["figure"] == pytest.approx((-0.0002 + 50 / 100 * 0.002) / math.sqrt(2 / 20))
     assert d["track"]["rate"] == 0.002 and d["track"]["better"] is False
+    arm = d["verdict"]["arms"][0]  # the verdict's line counts the steps at the same rate
+    assert arm["track_figure"] == pytest.approx(d["track"]["figure"]) and arm["track_better"] is False
+    code, out, _ = cli("diff", tmp_path / "twelve", "--baseline", tmp_path / "six", "--loss-per-100-steps", "0.002")
+    assert code == 0 and "in 50 fewer steps (the track's rule: not better)" in out.splitlines()[0]
     code, out, _ = cli("diff", tmp_path / "twelve", "--baseline", tmp_path / "six")
     assert code == 0
     assert ("track rule   (-0.0002 + 50 steps / 100 x 0.0045) / sqrt(1/20 + 1/20) = +0.00648 >= 0.004: candidate better"
